@@ -1,0 +1,140 @@
+"""Injection kernels, in the projected space of an attn1 replace patch.
+
+Every tensor here is ``[batch, tokens, heads * dim_head]`` as ComfyUI hands it to an attn1 replace. The
+reference part of a key/value sequence is a :class:`ProjectedReferences`: its keys and values are projected
+once per sampling run and broadcast over the batch, with an optional per-key additive bias (log attention-mass
+multipliers: reference strength, and the single zero key that stands in for every masked-out token).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# attn_fn(q, k, v, heads) -> out; the host passes ComfyUI's optimized_attention, tests pass sdpa.
+AttnFn = Callable[[Tensor, Tensor, Tensor, int], Tensor]
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, heads: int, key_bias: Optional[Tensor] = None) -> Tensor:
+    """Multi-head attention with an optional additive bias per key, broadcast over queries and heads.
+
+    Used whenever a bias is needed: a key-only bias of shape [Nk] costs nothing to broadcast, where ComfyUI's
+    mask path would materialise [B, Nq, Nk].
+    """
+    b, nq, c = q.shape
+    d = c // heads
+
+    def split(t: Tensor) -> Tensor:
+        return t.reshape(t.shape[0], t.shape[1], heads, d).transpose(1, 2)
+
+    mask = None if key_bias is None else key_bias.to(device=q.device, dtype=q.dtype).reshape(1, 1, 1, -1)
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+    return out.transpose(1, 2).reshape(b, nq, c)
+
+
+def default_attn(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    return sdpa(q, k, v, heads)
+
+
+@dataclass(frozen=True, eq=False)
+class ProjectedReferences:
+    """Reference keys/values for one block, already projected: k, v [1, M, C]; bias [M] or None."""
+
+    k: Tensor
+    v: Tensor
+    bias: Optional[Tensor] = None
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[1]
+
+
+def project_references(
+    tokens: Tensor,
+    dropped: int,
+    to_k: Callable[[Tensor], Tensor],
+    to_v: Callable[[Tensor], Tensor],
+    strength: float = 1.0,
+    dilute: bool = True,
+) -> Optional[ProjectedReferences]:
+    """Project kept reference tokens [M, C] into keys/values, once per run.
+
+    ``dilute``: keep the official Parts2Whole semantics where masked-out tokens are zero vectors that still
+    take softmax mass. Instead of carrying ``dropped`` zero tokens, one zero token is appended with an additive
+    bias of log(dropped): exp(q.0 + log n) = n, which is exactly the mass n zero keys take, and its value adds
+    nothing (a zero token projects to the same key/value as each dropped one). ``strength`` multiplies the
+    attention mass of every reference key (log bias), 1.0 being the official behaviour.
+    """
+    if strength <= 0:
+        return None
+    n_kept = tokens.shape[0]
+    add_zero = dilute and dropped > 0
+    if n_kept == 0 and not add_zero:
+        return None
+    if add_zero:
+        tokens = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[1])], dim=0)
+    k = to_k(tokens.unsqueeze(0))
+    v = to_v(tokens.unsqueeze(0))
+    bias = None
+    if strength != 1.0 or add_zero:
+        log_s = math.log(strength)
+        bias = torch.full((tokens.shape[0],), log_s, dtype=torch.float32, device=k.device)
+        if add_zero:
+            bias[-1] = log_s + math.log(dropped)
+    return ProjectedReferences(k, v, bias)
+
+
+def joint_attention(
+    q: Tensor, k: Tensor, v: Tensor, heads: int, refs: Sequence[ProjectedReferences], attn_fn: AttnFn
+) -> Tensor:
+    """Q from the target, K/V = [own, refs...] (the Parts2Whole concat; strict when refs carry no zero key)."""
+    if not refs:
+        return attn_fn(q, k, v, heads)
+    b = q.shape[0]
+    keys = torch.cat([k] + [r.k.to(k.dtype).expand(b, -1, -1) for r in refs], dim=1)
+    values = torch.cat([v] + [r.v.to(v.dtype).expand(b, -1, -1) for r in refs], dim=1)
+    if all(r.bias is None for r in refs):
+        return attn_fn(q, keys, values, heads)
+    parts = [torch.zeros(k.shape[1], dtype=torch.float32, device=k.device)]
+    for r in refs:
+        parts.append(r.bias if r.bias is not None else torch.zeros(r.length, dtype=torch.float32, device=k.device))
+    return sdpa(q, keys, values, heads, torch.cat(parts))
+
+
+def blend_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads: int,
+    refs: ProjectedReferences,
+    ratio: float,
+    attn_fn: AttnFn,
+    base: Optional[Tensor] = None,
+    base_refs: Sequence[ProjectedReferences] = (),
+) -> Tensor:
+    """ratio * Attn(x, [x, base_refs, ref]) + (1 - ratio) * base (MimicBrush: ratio 0.5, base = Attn(x, x))."""
+    if base is None:
+        base = joint_attention(q, k, v, heads, base_refs, attn_fn)
+    with_ref = joint_attention(q, k, v, heads, list(base_refs) + [refs], attn_fn)
+    return ratio * with_ref + (1.0 - ratio) * base
+
+
+def dual_term(q: Tensor, heads: int, refs: ProjectedReferences, attn_fn: AttnFn) -> Tensor:
+    """Attn(Q_x, F W'_k, F W'_v): the separate garment attention of AnyDressing's Dressing-Attention."""
+    b = q.shape[0]
+    k = refs.k.to(q.dtype).expand(b, -1, -1)
+    v = refs.v.to(q.dtype).expand(b, -1, -1)
+    if refs.bias is None:
+        return attn_fn(q, k, v, heads)
+    return sdpa(q, k, v, heads, refs.bias)
+
+
+def dual_attention(
+    q: Tensor, k: Tensor, v: Tensor, heads: int, refs: ProjectedReferences, lam: float, attn_fn: AttnFn
+) -> Tensor:
+    """Attn(x, x) + lambda * Attn(Q_x, F W'_k, F W'_v) (AnyDressing, lambda 0.7)."""
+    return attn_fn(q, k, v, heads) + lam * dual_term(q, heads, refs, attn_fn)

@@ -1,0 +1,1 @@
+"""Shared test set-up: makes tests/comfyenv.py importable from every tier."""

@@ -1,0 +1,377 @@
+"""Injection kernels against naive float64 references written out here.
+
+The reference semantics are the OFFICIAL ones (methods.md 1.3, 2.4, 3.1): Parts2Whole multiplies the reference
+features by the per-token mask weight and keeps every zeroed token in the K/V sequence (key = W_k.0 (+ b_k),
+value = W_v.0 (+ b_v)); the naive references below build exactly that sequence, token by token, and never call
+the engine to get an expected value.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from humanref.attention import kernels as K
+
+ATOL = 1e-10  # float64 everywhere: the equivalences are exact up to rounding
+DT = torch.float64
+HEADS, DIM = 8, 40  # SD1.5: 8 heads of 40 at the 320-wide level
+C = HEADS * DIM
+
+
+# ----------------------------------------------------------------------------------------------- naive helpers
+def naive_attention(q, k, v, heads, logit_bias=None, mass=None):
+    """Per-batch, per-head softmax attention with explicit exp / sum.
+
+    ``logit_bias`` [Nk] is added to the scaled logits; ``mass`` [Nk] multiplies each key's exp(logit).
+    """
+    b, nq, c = q.shape
+    d = c // heads
+    out = torch.zeros(b, nq, c, dtype=DT)
+    for bi in range(b):
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            qh, kh, vh = q[bi, :, cols].to(DT), k[bi, :, cols].to(DT), v[bi, :, cols].to(DT)
+            logits = (qh @ kh.T) / math.sqrt(d)
+            if logit_bias is not None:
+                logits = logits + logit_bias.to(DT)[None, :]
+            e = torch.exp(logits - logits.max(dim=1, keepdim=True).values)
+            if mass is not None:
+                e = e * mass.to(DT)[None, :]
+            p = e / e.sum(dim=1, keepdim=True)
+            out[bi, :, cols] = p @ vh
+    return out
+
+
+def naive_attn_fn(q, k, v, heads):
+    return naive_attention(q, k, v, heads)
+
+
+def linear(seed, bias, c=C):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(c, c, bias=bias, dtype=DT)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(c, c, generator=g, dtype=DT) / math.sqrt(c))
+        if bias:
+            lin.bias.copy_(0.5 * torch.randn(c, generator=g, dtype=DT))
+    return lin
+
+
+def proj(lin, t):
+    """Explicit x W^T (+ b), independent of nn.Linear.forward."""
+    out = t @ lin.weight.detach().T
+    if lin.bias is not None:
+        out = out + lin.bias.detach()
+    return out
+
+
+def make_weights(kind, n, g):
+    """Per-token mask weights of one reference."""
+    if kind == "none":  # no token masked
+        return torch.ones(n, dtype=DT)
+    if kind == "all":  # every token masked out
+        return torch.zeros(n, dtype=DT)
+    if kind == "binary":
+        w = (torch.rand(n, generator=g, dtype=DT) < 0.4).to(DT)
+        w[0], w[1] = 1.0, 0.0  # at least one kept and one dropped
+        return w
+    if kind == "soft":
+        w = torch.rand(n, generator=g, dtype=DT)
+        w[torch.rand(n, generator=g, dtype=DT) < 0.3] = 0.0
+        w[0], w[1], w[2] = 0.0, 1.0, 0.37  # a dropped, a full and a fractional token at least
+        return w
+    raise AssertionError(kind)
+
+
+def naive_kept(features, weights):
+    """Kept tokens scaled by their weight, and the count of dropped ones, with an explicit loop."""
+    rows = [features[i] * weights[i] for i in range(features.shape[0]) if weights[i] > 0]
+    kept = torch.stack(rows) if rows else features.new_zeros(0, features.shape[1])
+    return kept, sum(1 for i in range(features.shape[0]) if weights[i] == 0)
+
+
+class Case:
+    """Target hidden states x [B, N, C], the block's to_q/to_k/to_v, and references with masks."""
+
+    def __init__(self, kinds, batch=2, n_own=6, n_ref=12, bias=False, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = 1.5 * torch.randn(batch, n_own, C, generator=g, dtype=DT)
+        self.to_q, self.to_k, self.to_v = linear(seed + 1, bias), linear(seed + 2, bias), linear(seed + 3, bias)
+        self.feats = [torch.randn(n_ref + i, C, generator=g, dtype=DT) for i in range(len(kinds))]
+        self.weights = [make_weights(kind, f.shape[0], g) for kind, f in zip(kinds, self.feats)]
+        with torch.no_grad():
+            self.q, self.k, self.v = self.to_q(self.x), self.to_k(self.x), self.to_v(self.x)
+
+    # official: every reference token kept, multiplied by its weight (zeros stay in the sequence)
+    def official_ref_tokens(self, strict=False):
+        rows = []
+        for f, w in zip(self.feats, self.weights):
+            for i in range(f.shape[0]):
+                if strict and w[i] == 0:
+                    continue
+                rows.append(f[i] * w[i])
+        return torch.stack(rows) if rows else torch.zeros(0, C, dtype=DT)
+
+    def naive_concat(self, strict=False, strength=1.0):
+        refs = self.official_ref_tokens(strict)
+        outs = []
+        for b in range(self.x.shape[0]):
+            ctx = torch.cat([self.x[b], refs], dim=0)  # K/V source = [own tokens, reference tokens]
+            q = proj(self.to_q, self.x[b])
+            kk, vv = proj(self.to_k, ctx), proj(self.to_v, ctx)
+            mass = torch.cat([torch.ones(self.x.shape[1], dtype=DT), torch.full((refs.shape[0],), strength, dtype=DT)])
+            outs.append(naive_attention(q[None], kk[None], vv[None], HEADS, mass=mass))
+        return torch.cat(outs, dim=0)
+
+    def naive_plain(self):
+        return naive_attention(proj(self.to_q, self.x), proj(self.to_k, self.x), proj(self.to_v, self.x), HEADS)
+
+    def merged_kept(self):
+        kept, dropped = [], 0
+        for f, w in zip(self.feats, self.weights):
+            t, d = naive_kept(f, w)
+            kept.append(t)
+            dropped += d
+        return torch.cat(kept, dim=0), dropped
+
+    def project(self, strength=1.0, dilute=True, merged=True):
+        with torch.no_grad():
+            if merged:
+                tokens, dropped = self.merged_kept()
+                r = K.project_references(tokens, dropped, self.to_k, self.to_v, strength=strength, dilute=dilute)
+                return [] if r is None else [r]
+            out = []
+            for f, w in zip(self.feats, self.weights):
+                tokens, dropped = naive_kept(f, w)
+                r = K.project_references(tokens, dropped, self.to_k, self.to_v, strength=strength, dilute=dilute)
+                if r is not None:
+                    out.append(r)
+            return out
+
+
+# --------------------------------------------------------------------------------------------------------- sdpa
+@pytest.mark.parametrize("heads,dim", [(1, 8), (2, 4), (8, 40)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_sdpa_matches_naive_per_head_softmax(heads, dim, with_bias):
+    g = torch.Generator().manual_seed(heads * 10 + dim)
+    c = heads * dim
+    q = 2 * torch.randn(2, 5, c, generator=g, dtype=DT)
+    k = 2 * torch.randn(2, 7, c, generator=g, dtype=DT)
+    v = torch.randn(2, 7, c, generator=g, dtype=DT)
+    bias = None
+    if with_bias:
+        bias = 3 * torch.randn(7, generator=g, dtype=DT)
+        bias[3] = -40.0  # a key that is practically switched off
+    out = K.sdpa(q, k, v, heads, bias)
+    assert out.shape == (2, 5, c) and out.dtype == DT
+    torch.testing.assert_close(out, naive_attention(q, k, v, heads, logit_bias=bias), rtol=0, atol=ATOL)
+
+
+def test_sdpa_bias_changes_the_result():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 16, generator=g, dtype=DT) for _ in range(3))
+    bias = torch.tensor([0.0, 2.0, 0.0, -1.0], dtype=DT)
+    assert (K.sdpa(q, k, v, 2, bias) - K.sdpa(q, k, v, 2)).abs().max() > 1e-3
+
+
+def test_default_attn_is_unbiased_sdpa():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 5, 24, generator=g, dtype=DT) for _ in range(3))
+    torch.testing.assert_close(K.default_attn(q, k, v, 3), naive_attention(q, k, v, 3), rtol=0, atol=ATOL)
+
+
+# ------------------------------------------------------------------------------- concat (dilute): the proof
+KIND_SETS = [
+    ("binary",),
+    ("soft",),
+    ("binary", "soft", "binary"),  # several references, each with its own mask
+    ("soft", "all"),  # one reference with every token masked out
+    ("all",),
+    ("all", "all"),
+    ("none",),  # no token masked: no zero key at all
+    ("none", "binary"),
+]
+
+
+@pytest.mark.parametrize("kinds", KIND_SETS, ids=lambda k: "+".join(k))
+@pytest.mark.parametrize("proj_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("merged", [True, False], ids=["merged", "per-ref"])
+def test_concat_equals_official_zero_token_semantics(kinds, proj_bias, merged):
+    case = Case(kinds, batch=2, bias=proj_bias, seed=len(kinds) + 7 * proj_bias)
+    refs = case.project(dilute=True, merged=merged)
+    out = K.joint_attention(case.q, case.k, case.v, HEADS, refs, K.default_attn)
+    torch.testing.assert_close(out, case.naive_concat(), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("attn_fn", [K.default_attn, naive_attn_fn], ids=["default_attn", "naive_attn"])
+def test_concat_batch_and_attn_fn(batch, attn_fn):
+    case = Case(("binary", "soft"), batch=batch, bias=True, seed=11)
+    out = K.joint_attention(case.q, case.k, case.v, HEADS, case.project(), attn_fn)
+    assert out.shape == (batch, case.x.shape[1], C)
+    torch.testing.assert_close(out, case.naive_concat(), rtol=0, atol=ATOL)
+
+
+def test_concat_no_mask_uses_attn_fn_on_plain_concatenation():
+    case = Case(("none", "none"), batch=2, seed=12)
+    calls = []
+
+    def spy(q, k, v, heads):
+        calls.append(k.shape[1])
+        return naive_attention(q, k, v, heads)
+
+    out = K.joint_attention(case.q, case.k, case.v, HEADS, case.project(), spy)
+    assert calls == [case.x.shape[1] + sum(f.shape[0] for f in case.feats)]
+    torch.testing.assert_close(out, case.naive_concat(), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("proj_bias", [False, True], ids=["nobias", "bias"])
+def test_concat_dilution_is_observable(proj_bias):
+    """The test data discriminates: keeping the zero tokens differs clearly from dropping them."""
+    case = Case(("binary", "all"), bias=proj_bias, seed=13)
+    assert (case.naive_concat() - case.naive_concat(strict=True)).abs().max() > 1e-3
+
+
+def test_project_references_single_zero_key_layout():
+    case = Case(("binary", "all"), bias=True, seed=14)
+    tokens, dropped = case.merged_kept()
+    r = K.project_references(tokens, dropped, case.to_k, case.to_v)
+    assert dropped > 1 and r.length == tokens.shape[0] + 1  # kept tokens plus ONE zero token
+    assert r.k.shape == (1, tokens.shape[0] + 1, C) and r.v.shape == r.k.shape
+    # the zero token projects to the projection bias
+    torch.testing.assert_close(r.k[0, -1], case.to_k.bias.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(r.v[0, -1], case.to_v.bias.detach(), rtol=0, atol=0)
+
+
+def test_project_references_no_dropped_no_bias():
+    case = Case(("none",), seed=15)
+    tokens, dropped = case.merged_kept()
+    r = K.project_references(tokens, dropped, case.to_k, case.to_v)
+    assert dropped == 0 and r.length == tokens.shape[0] and r.bias is None
+
+
+# ------------------------------------------------------------------------------------------------------ strict
+@pytest.mark.parametrize("kinds", [("binary",), ("soft",), ("binary", "all", "soft"), ("none",)], ids=lambda k: "+".join(k))
+@pytest.mark.parametrize("proj_bias", [False, True], ids=["nobias", "bias"])
+def test_strict_excludes_masked_tokens(kinds, proj_bias):
+    case = Case(kinds, bias=proj_bias, seed=21)
+    refs = case.project(dilute=False)
+    out = K.joint_attention(case.q, case.k, case.v, HEADS, refs, K.default_attn)
+    torch.testing.assert_close(out, case.naive_concat(strict=True), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("kinds", [("all",), ("all", "all")], ids=lambda k: "+".join(k))
+def test_strict_everything_masked_is_plain_attention_bit_for_bit(kinds):
+    case = Case(kinds, bias=True, seed=22)
+    tokens, dropped = case.merged_kept()
+    assert tokens.shape[0] == 0 and dropped > 0
+    assert K.project_references(tokens, dropped, case.to_k, case.to_v, dilute=False) is None
+    refs = case.project(dilute=False, merged=False)
+    assert refs == []
+    plain = K.default_attn(case.q, case.k, case.v, HEADS)
+    assert torch.equal(K.joint_attention(case.q, case.k, case.v, HEADS, refs, K.default_attn), plain)
+    torch.testing.assert_close(plain, case.naive_plain(), rtol=0, atol=ATOL)
+
+
+def test_dilute_everything_masked_still_dilutes():
+    """Concat semantics with every reference token masked: the zero tokens still take softmax mass."""
+    case = Case(("all",), bias=False, seed=23)
+    refs = case.project(dilute=True)
+    assert len(refs) == 1 and refs[0].length == 1
+    out = K.joint_attention(case.q, case.k, case.v, HEADS, refs, K.default_attn)
+    expected = case.naive_concat()
+    torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
+    assert (expected - case.naive_plain()).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------- strength
+@pytest.mark.parametrize("strength", [0.5, 2.0, 3.7])
+@pytest.mark.parametrize("dilute", [True, False], ids=["dilute", "strict"])
+@pytest.mark.parametrize("kinds", [("binary", "soft"), ("none",)], ids=lambda k: "+".join(k))
+def test_strength_multiplies_reference_attention_mass(strength, dilute, kinds):
+    case = Case(kinds, bias=True, seed=31)
+    refs = case.project(strength=strength, dilute=dilute)
+    out = K.joint_attention(case.q, case.k, case.v, HEADS, refs, K.default_attn)
+    expected = case.naive_concat(strict=not dilute, strength=strength)
+    torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
+    assert (expected - case.naive_concat(strict=not dilute)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("strength", [0.0, -1.0])
+def test_strength_zero_gives_no_references(strength):
+    case = Case(("binary",), seed=32)
+    tokens, dropped = case.merged_kept()
+    assert K.project_references(tokens, dropped, case.to_k, case.to_v, strength=strength) is None
+    assert K.project_references(tokens, dropped, case.to_k, case.to_v, strength=strength, dilute=False) is None
+
+
+# ------------------------------------------------------------------------------------------------------- blend
+@pytest.mark.parametrize("ratio", [0.5, 0.3])
+@pytest.mark.parametrize("kinds", [("none",), ("binary",)], ids=lambda k: "+".join(k))
+def test_blend_matches_mimicbrush_formula(ratio, kinds):
+    case = Case(kinds, bias=False, seed=41)
+    (refs,) = case.project(dilute=True)
+    out = K.blend_attention(case.q, case.k, case.v, HEADS, refs, ratio, K.default_attn)
+    expected = ratio * case.naive_concat() + (1 - ratio) * case.naive_plain()
+    torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
+
+
+def test_blend_ratio_one_is_concat_and_zero_is_plain():
+    case = Case(("soft",), bias=True, seed=42)
+    (refs,) = case.project(dilute=True)
+    one = K.blend_attention(case.q, case.k, case.v, HEADS, refs, 1.0, K.default_attn)
+    zero = K.blend_attention(case.q, case.k, case.v, HEADS, refs, 0.0, K.default_attn)
+    torch.testing.assert_close(one, case.naive_concat(), rtol=0, atol=ATOL)
+    torch.testing.assert_close(zero, case.naive_plain(), rtol=0, atol=ATOL)
+
+
+# -------------------------------------------------------------------------------------------------------- dual
+def naive_dual(case, garments, wk2, wv2, lam):
+    plain = case.naive_plain()
+    q = proj(case.to_q, case.x)
+    b = q.shape[0]
+    k2 = proj(wk2, garments)[None].expand(b, -1, -1)
+    v2 = proj(wv2, garments)[None].expand(b, -1, -1)
+    return plain + lam * naive_attention(q, k2, v2, HEADS)
+
+
+@pytest.mark.parametrize("proj_bias", [False, True], ids=["nobias", "bias"])
+def test_dual_matches_anydressing_formula(proj_bias):
+    case = Case(("none", "none"), bias=False, seed=51)
+    garments = torch.cat(case.feats, dim=0)  # F_all: garments concatenated along tokens
+    wk2, wv2 = linear(101, proj_bias), linear(102, proj_bias)  # W' != W
+    with torch.no_grad():
+        refs = K.project_references(garments, 0, wk2, wv2)
+    out = K.dual_attention(case.q, case.k, case.v, HEADS, refs, 0.7, K.default_attn)
+    expected = naive_dual(case, garments, wk2, wv2, 0.7)
+    torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
+    # the separate projections matter: the same formula with W instead of W' is different
+    assert (expected - naive_dual(case, garments, case.to_k, case.to_v, 0.7)).abs().max() > 1e-3
+
+
+def test_dual_lambda_zero_is_plain_attention():
+    case = Case(("none",), seed=52)
+    garments = case.feats[0]
+    wk2, wv2 = linear(103, False), linear(104, False)
+    with torch.no_grad():
+        refs = K.project_references(garments, 0, wk2, wv2)
+    out = K.dual_attention(case.q, case.k, case.v, HEADS, refs, 0.0, K.default_attn)
+    assert torch.equal(out, K.default_attn(case.q, case.k, case.v, HEADS))
+    torch.testing.assert_close(out, case.naive_plain(), rtol=0, atol=ATOL)
+
+
+def test_dual_term_with_strength():
+    case = Case(("none",), seed=53)
+    garments = case.feats[0]
+    wk2, wv2 = linear(105, True), linear(106, True)
+    with torch.no_grad():
+        refs = K.project_references(garments, 0, wk2, wv2, strength=2.0)
+    out = K.dual_term(case.q, HEADS, refs, K.default_attn)
+    q = proj(case.to_q, case.x)
+    b = q.shape[0]
+    # a uniform strength on every key of a separate attention cancels in the softmax
+    expected = naive_attention(q, proj(wk2, garments)[None].expand(b, -1, -1),
+                               proj(wv2, garments)[None].expand(b, -1, -1), HEADS)
+    torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
