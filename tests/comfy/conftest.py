@@ -1,0 +1,36 @@
+"""Fixtures of the in-process ComfyUI tier: tiny SD15 models built from comfy.supported_models, real CLIP/VAE."""
+from __future__ import annotations
+
+import pytest
+
+from comfyenv import comfy_available, require_comfy
+
+
+@pytest.fixture(scope="session")
+def comfy_env():
+    if not comfy_available():
+        pytest.skip("ComfyUI not available")
+    return require_comfy()
+
+
+@pytest.fixture(scope="session")
+def clip_vae(comfy_env):
+    from humanref.pipelines.synthetic import load_test_clip_vae
+
+    return load_test_clip_vae(seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(comfy_env):
+    """A small SD15 ModelPatcher (7 transformer blocks at widths 32/64) with random weights."""
+    from humanref.pipelines.synthetic import build_model, sd15_unet_config
+
+    return build_model(sd15_unet_config(model_channels=32, channel_mult=(1, 2)), seed=1)
+
+
+@pytest.fixture(scope="session")
+def conds(clip_vae):
+    clip, _ = clip_vae
+    c, pooled = clip.encode_from_tokens(clip.tokenize("a photo of a person"), return_pooled=True)
+    n, npooled = clip.encode_from_tokens(clip.tokenize("blurry"), return_pooled=True)
+    return [[c, {"pooled_output": pooled}]], [[n, {"pooled_output": npooled}]]
