@@ -86,6 +86,7 @@ class ReferenceBank:
     mask_rule: str
     features: Optional[Mapping[BlockKey, tuple[CapturedTokens, ...]]] = None
     writer: Any = field(default=None, repr=False)
+    family: str = ""  # the writer's model family as the host names it (e.g. "SD15", "SDXL")
 
     def __post_init__(self) -> None:
         if self.timing not in TIMINGS:

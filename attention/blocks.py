@@ -52,11 +52,12 @@ def block_label(key: BlockKey) -> str:
     return f"{key[0]}_{key[1]}.{key[2]}"
 
 
-def describe_architecture(blocks: Iterable[BlockInfo]) -> str:
+def describe_architecture(blocks: Iterable[BlockInfo], family: str = "") -> str:
+    """E.g. "SD15 (16 transformer blocks, widths [320, 640, 1280])"; the family comes from the host."""
     blocks = list(blocks)
     widths = sorted({b.channels for b in blocks})
-    guess = {16: "SD1.5-like", 70: "SDXL-like"}.get(len(blocks), "UNet")
-    return f"{guess} ({len(blocks)} transformer blocks, widths {widths})"
+    name = family or {16: "SD1.5-like", 70: "SDXL-like"}.get(len(blocks), "UNet")
+    return f"{name} ({len(blocks)} transformer blocks, widths {widths})"
 
 
 _CUSTOM = re.compile(r"^(input|middle|output)_(\d+)(?:\.(\d+))?$")

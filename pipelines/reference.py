@@ -68,11 +68,18 @@ def build_reference_bank(
     infos = tuple(ReferenceInfo(r.label, r.slot, (r.image.shape[0], r.image.shape[1]), r.mask is not None)
                   for r in refs)
     channels = {b.key: b.channels for b in blocks}
+    family = model_family(writer)
     if timing == "every step":
-        return ReferenceBank(infos, channels, timing, mask_rule, features=None, writer=inputs)
+        return ReferenceBank(infos, channels, timing, mask_rule, features=None, writer=inputs, family=family)
     comfy.model_management.load_models_gpu([writer])
     features = run_writer(inputs, 0.0, keep_device=comfy.model_management.intermediate_device(), progress=pbar)
-    return ReferenceBank(infos, channels, timing, mask_rule, features=features, writer=None)
+    return ReferenceBank(infos, channels, timing, mask_rule, features=features, writer=None, family=family)
+
+
+def model_family(patcher: Any) -> str:
+    """ComfyUI's name for the model family (SD15, SDXL, ...) from its supported-model config."""
+    config = getattr(patcher.model, "model_config", None)
+    return type(config).__name__ if config is not None else ""
 
 
 # ----------------------------------------------------------------------------------------------- reader side
@@ -233,7 +240,8 @@ def check_compatible(bank: ReferenceBank, blocks: Sequence[BlockInfo], model_des
     mismatch = [b for b in blocks if bank.block_channels.get(b.key) != b.channels]
     if mismatch:
         raise ValueError(
-            f"reference_bank was encoded with a writer of {describe_architecture(writer_blocks)}, but model is "
+            f"reference_bank was encoded with a writer of {describe_architecture(writer_blocks, bank.family)}, "
+            f"but model is "
             f"{model_desc}: block {block_label(mismatch[0].key)} has width {mismatch[0].channels} in the model and "
             f"{bank.block_channels.get(mismatch[0].key, 'none')} in the bank. Encode the references with a writer "
             "of the same architecture (for training-free use, the same checkpoint).")
@@ -258,7 +266,7 @@ def apply_reference_patch(
     patched = model.clone()
     all_blocks = walk_transformer_blocks(patched.model.diffusion_model)
     chosen = select_blocks(all_blocks, block_set, custom_blocks)
-    check_compatible(bank, chosen, describe_architecture(all_blocks))
+    check_compatible(bank, chosen, describe_architecture(all_blocks, model_family(patched)))
     uid = f"humanref_ref_{next(_uids)}"
     layer = ReferenceLayer(uid, bank, mode, float(strength), float(start_percent), float(end_percent), bool(uncond),
                            {b.key: b.path for b in chosen})
