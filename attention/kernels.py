@@ -82,7 +82,7 @@ def project_references(
     bias = None
     if strength != 1.0 or add_zero:
         log_s = math.log(strength)
-        bias = torch.full((tokens.shape[0],), log_s, dtype=torch.float32, device=k.device)
+        bias = torch.full((tokens.shape[0],), log_s, dtype=k.dtype, device=k.device)
         if add_zero:
             bias[-1] = log_s + math.log(dropped)
     return ProjectedReferences(k, v, bias)
@@ -99,9 +99,10 @@ def joint_attention(
     values = torch.cat([v] + [r.v.to(v.dtype).expand(b, -1, -1) for r in refs], dim=1)
     if all(r.bias is None for r in refs):
         return attn_fn(q, keys, values, heads)
-    parts = [torch.zeros(k.shape[1], dtype=torch.float32, device=k.device)]
+    dtype = next(r.bias.dtype for r in refs if r.bias is not None)
+    parts = [torch.zeros(k.shape[1], dtype=dtype, device=k.device)]
     for r in refs:
-        parts.append(r.bias if r.bias is not None else torch.zeros(r.length, dtype=torch.float32, device=k.device))
+        parts.append(r.bias if r.bias is not None else torch.zeros(r.length, dtype=dtype, device=k.device))
     return sdpa(q, keys, values, heads, torch.cat(parts))
 
 

@@ -245,6 +245,18 @@ def test_project_references_single_zero_key_layout():
     torch.testing.assert_close(r.v[0, -1], case.to_v.bias.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("strength,dropped", [(1.0, 7), (0.5, 0), (0.5, 7), (3.7, 1000)])
+def test_reference_bias_is_exact_log_mass(strength, dropped):
+    """bias = log(strength) per kept token, log(strength) + log(dropped) on the single zero key, at the
+    precision of the keys (float64 here): this is what makes the single-zero-key trick exact."""
+    lin_k, lin_v = linear(61, False, c=8), linear(62, False, c=8)
+    tokens = torch.randn(3, 8, generator=torch.Generator().manual_seed(63), dtype=DT)
+    r = K.project_references(tokens, dropped, lin_k, lin_v, strength=strength)
+    expected = [math.log(strength)] * 3 + ([math.log(strength) + math.log(dropped)] if dropped else [])
+    assert r.bias is not None and r.length == len(expected)
+    torch.testing.assert_close(r.bias.to(DT), torch.tensor(expected, dtype=DT), rtol=0, atol=1e-12)
+
+
 def test_project_references_no_dropped_no_bias():
     case = Case(("none",), seed=15)
     tokens, dropped = case.merged_kept()

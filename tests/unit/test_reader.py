@@ -1,0 +1,314 @@
+"""The reader: CFG gating per chunk and composition of several layers, against naive float64 attention.
+
+Most cases here mask out exactly ONE token per reference: the zero key then carries a bias of log(1) = 0, so the
+reader logic is checked at float64 precision independently of how the kernels represent log(count) (that part
+is covered by test_kernels). The end-to-end bank test uses arbitrary masks.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from humanref.attention import bank as BK
+from humanref.attention import kernels as K
+from humanref.attention import reader as R
+
+ATOL = 1e-10
+DT = torch.float64
+HEADS, DIM = 8, 8
+C = HEADS * DIM
+N_OWN = 5
+
+
+# ----------------------------------------------------------------------------------------------- naive helpers
+def naive_attention(q, k, v, heads):
+    b, nq, c = q.shape
+    d = c // heads
+    out = torch.zeros(b, nq, c, dtype=DT)
+    for bi in range(b):
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            logits = (q[bi, :, cols] @ k[bi, :, cols].T) / math.sqrt(d)
+            e = torch.exp(logits - logits.max(dim=1, keepdim=True).values)
+            out[bi, :, cols] = (e / e.sum(dim=1, keepdim=True)) @ v[bi, :, cols]
+    return out
+
+
+def linear(seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(C, C, bias=bias, dtype=DT)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(C, C, generator=g, dtype=DT) / math.sqrt(C))
+        if bias:
+            lin.bias.copy_(0.5 * torch.randn(C, generator=g, dtype=DT))
+    return lin
+
+
+def proj(lin, t):
+    out = t @ lin.weight.detach().T
+    if lin.bias is not None:
+        out = out + lin.bias.detach()
+    return out
+
+
+class Block:
+    """One attn1 with its target hidden states x [B, N, C]."""
+
+    def __init__(self, batch, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = 1.5 * torch.randn(batch, N_OWN, C, generator=g, dtype=DT)
+        self.to_q, self.to_k, self.to_v = linear(seed + 1), linear(seed + 2), linear(seed + 3)
+        with torch.no_grad():
+            self.q, self.k, self.v = self.to_q(self.x), self.to_k(self.x), self.to_v(self.x)
+
+    def plain(self):
+        return K.default_attn(self.q, self.k, self.v, HEADS)
+
+    def naive(self, ref_token_sets, rows=None):
+        """Naive attention of the given rows with K/V source [own tokens, *ref_token_sets] (official tokens)."""
+        rows = range(self.x.shape[0]) if rows is None else rows
+        outs = []
+        for b in rows:
+            ctx = torch.cat([self.x[b]] + list(ref_token_sets), dim=0)
+            outs.append(naive_attention(proj(self.to_q, self.x[b])[None], proj(self.to_k, ctx)[None],
+                                        proj(self.to_v, ctx)[None], HEADS))
+        return torch.cat(outs, dim=0)
+
+
+class Ref:
+    """A reference: features [M, C] and per-token weights with exactly one masked-out token by default."""
+
+    def __init__(self, seed, m=9, weights=None):
+        g = torch.Generator().manual_seed(seed)
+        self.feats = torch.randn(m, C, generator=g, dtype=DT)
+        if weights is None:
+            weights = torch.ones(m, dtype=DT)
+            weights[2] = 0.0
+            weights[4] = 0.4
+        self.w = weights
+
+    def official(self):
+        """Features times weight, zero tokens kept (Parts2Whole)."""
+        return torch.stack([self.feats[i] * self.w[i] for i in range(self.feats.shape[0])])
+
+    def strict(self):
+        rows = [self.feats[i] * self.w[i] for i in range(self.feats.shape[0]) if self.w[i] > 0]
+        return torch.stack(rows) if rows else torch.zeros(0, C, dtype=DT)
+
+    def project(self, block, dilute=True, to_k=None, to_v=None):
+        kept = self.strict()
+        dropped = int((self.w == 0).sum())
+        with torch.no_grad():
+            return K.project_references(kept, dropped, to_k or block.to_k, to_v or block.to_v, dilute=dilute)
+
+
+LAYOUTS = [[1, 0], [0], [1], [1, 0, 0]]
+PER_CHUNK = 2
+
+
+def _rows(layout, kind):
+    return [i * PER_CHUNK + j for i, k in enumerate(layout) if k == kind for j in range(PER_CHUNK)]
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("layout", [None, [1, 0], [0]])
+def test_no_layers_is_plain_attention_bit_for_bit(layout):
+    blk = Block(4, seed=1)
+    calls = []
+
+    def spy(q, k, v, heads):
+        calls.append(q.shape[0])
+        return K.default_attn(q, k, v, heads)
+
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [], spy)
+    assert torch.equal(out, blk.plain())
+    assert calls == [4]
+    torch.testing.assert_close(out, naive_attention(blk.q, blk.k, blk.v, HEADS), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+@pytest.mark.parametrize("mode", ["concat", "strict"])
+def test_cfg_layouts_cond_gets_references_uncond_is_plain(layout, mode):
+    blk = Block(PER_CHUNK * len(layout), seed=2)
+    ref = Ref(10)
+    layer = R.ActiveLayer(mode, ref.project(blk, dilute=(mode == "concat")))
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [layer], K.default_attn)
+    assert out.shape == blk.q.shape
+    cond, uncond = _rows(layout, 0), _rows(layout, 1)
+    tokens = ref.official() if mode == "concat" else ref.strict()
+    if cond:
+        torch.testing.assert_close(out[cond], blk.naive([tokens], cond), rtol=0, atol=ATOL)
+        assert (out[cond] - blk.plain()[cond]).abs().max() > 1e-3
+    if uncond:
+        assert torch.equal(out[uncond], blk.plain()[uncond])
+
+
+def test_layout_none_counts_as_cond():
+    blk = Block(3, seed=3)
+    ref = Ref(11)
+    layer = R.ActiveLayer("concat", ref.project(blk))
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, None, [layer], K.default_attn)
+    torch.testing.assert_close(out, blk.naive([ref.official()]), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("layout", [[1, 0], [1], [1, 0, 0]], ids=str)
+def test_uncond_layer_applies_to_uncond_rows(layout):
+    blk = Block(PER_CHUNK * len(layout), seed=4)
+    ref = Ref(12)
+    layer = R.ActiveLayer("concat", ref.project(blk), uncond=True)
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [layer], K.default_attn)
+    torch.testing.assert_close(out, blk.naive([ref.official()]), rtol=0, atol=ATOL)
+
+
+def test_mixed_uncond_flags():
+    layout = [1, 0, 0]
+    blk = Block(PER_CHUNK * len(layout), seed=5)
+    both, cond_only = Ref(13), Ref(14, m=7)
+    layers = [R.ActiveLayer("concat", both.project(blk), uncond=True), R.ActiveLayer("concat", cond_only.project(blk))]
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, layers, K.default_attn)
+    cond, uncond = _rows(layout, 0), _rows(layout, 1)
+    torch.testing.assert_close(out[uncond], blk.naive([both.official()], uncond), rtol=0, atol=ATOL)
+    torch.testing.assert_close(out[cond], blk.naive([both.official(), cond_only.official()], cond), rtol=0, atol=ATOL)
+
+
+def test_two_concat_layers_are_one_joint_attention():
+    layout = [1, 0]
+    blk = Block(4, seed=6)
+    r1, r2 = Ref(15), Ref(16, m=6)
+    layers = [R.ActiveLayer("concat", r1.project(blk)), R.ActiveLayer("concat", r2.project(blk))]
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, layers, K.default_attn)
+    cond, uncond = _rows(layout, 0), _rows(layout, 1)
+    torch.testing.assert_close(out[cond], blk.naive([r1.official(), r2.official()], cond), rtol=0, atol=ATOL)
+    assert torch.equal(out[uncond], blk.plain()[uncond])
+    # one joint softmax, not the average or sum of two separate ones
+    separate = 0.5 * (blk.naive([r1.official()], cond) + blk.naive([r2.official()], cond))
+    assert (out[cond] - separate).abs().max() > 1e-4
+
+
+def test_concat_and_strict_layers_join_one_key_set():
+    blk = Block(2, seed=7)
+    r1, r2 = Ref(17), Ref(18)
+    layers = [R.ActiveLayer("concat", r1.project(blk)), R.ActiveLayer("strict", r2.project(blk, dilute=False))]
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, [0], layers, K.default_attn)
+    torch.testing.assert_close(out, blk.naive([r1.official(), r2.strict()]), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.3])
+def test_blend_alone_is_mimicbrush(ratio):
+    layout = [1, 0]
+    blk = Block(4, seed=8)
+    ref = Ref(19, weights=torch.ones(9, dtype=DT))  # MimicBrush: unmasked reference
+    layer = R.ActiveLayer("blend", ref.project(blk), weight=ratio)
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [layer], K.default_attn)
+    cond, uncond = _rows(layout, 0), _rows(layout, 1)
+    expected = ratio * blk.naive([ref.official()], cond) + (1 - ratio) * blk.naive([], cond)
+    torch.testing.assert_close(out[cond], expected, rtol=0, atol=ATOL)
+    assert torch.equal(out[uncond], blk.plain()[uncond])
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.3])
+def test_concat_plus_blend_follows_documented_rule(ratio):
+    """Docstring: concat refs join one key set; a blend layer mixes that joint attention, with its own
+    references added, against it by its ratio."""
+    blk = Block(2, seed=9)
+    rc, rb = Ref(20), Ref(21, m=8)
+    layers = [R.ActiveLayer("blend", rb.project(blk), weight=ratio), R.ActiveLayer("concat", rc.project(blk))]
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, [0], layers, K.default_attn)
+    joint = blk.naive([rc.official()])
+    with_blend = blk.naive([rc.official(), rb.official()])
+    torch.testing.assert_close(out, ratio * with_blend + (1 - ratio) * joint, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("lam", [0.7, 0.0])
+def test_concat_plus_dual(lam):
+    blk = Block(2, seed=10)
+    rc = Ref(22)
+    garments = Ref(23, m=10, weights=torch.ones(10, dtype=DT))
+    wk2, wv2 = linear(201), linear(202)
+    layers = [
+        R.ActiveLayer("dual", garments.project(blk, to_k=wk2, to_v=wv2), weight=lam),
+        R.ActiveLayer("concat", rc.project(blk)),
+    ]
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, [0], layers, K.default_attn)
+    q = proj(blk.to_q, blk.x)
+    k2 = proj(wk2, garments.feats)[None].expand(2, -1, -1)
+    v2 = proj(wv2, garments.feats)[None].expand(2, -1, -1)
+    expected = blk.naive([rc.official()]) + lam * naive_attention(q, k2, v2, HEADS)
+    torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
+
+
+def test_dual_alone_with_cfg():
+    layout = [1, 0]
+    blk = Block(4, seed=11)
+    garments = Ref(24, m=10, weights=torch.ones(10, dtype=DT))
+    wk2, wv2 = linear(203), linear(204)
+    layer = R.ActiveLayer("dual", garments.project(blk, to_k=wk2, to_v=wv2), weight=0.7)
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [layer], K.default_attn)
+    cond, uncond = _rows(layout, 0), _rows(layout, 1)
+    q = proj(blk.to_q, blk.x[cond])
+    k2 = proj(wk2, garments.feats)[None].expand(len(cond), -1, -1)
+    v2 = proj(wv2, garments.feats)[None].expand(len(cond), -1, -1)
+    expected = blk.naive([], cond) + 0.7 * naive_attention(q, k2, v2, HEADS)
+    torch.testing.assert_close(out[cond], expected, rtol=0, atol=ATOL)
+    assert torch.equal(out[uncond], blk.plain()[uncond])
+
+
+def test_strict_everything_masked_gives_plain_attention_bit_for_bit():
+    blk = Block(4, seed=12)
+    ref = Ref(25, weights=torch.zeros(9, dtype=DT))
+    refs = ref.project(blk, dilute=False)
+    assert refs is None  # nothing to attend: the host builds no layer
+    layers = [] if refs is None else [R.ActiveLayer("strict", refs)]
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, [1, 0], layers, K.default_attn)
+    assert torch.equal(out, blk.plain())
+
+
+@pytest.mark.parametrize("layout", [[1, 0], [1]], ids=str)
+def test_unknown_mode_raises(layout):
+    blk = Block(2, seed=13)
+    layer = R.ActiveLayer("add", Ref(26).project(blk))
+    with pytest.raises(ValueError, match=r"unknown injection mode 'add'.*concat.*strict.*blend.*dual"):
+        R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [layer], K.default_attn)
+
+
+def test_indivisible_batch_raises():
+    blk = Block(3, seed=14)
+    layer = R.ActiveLayer("concat", Ref(27).project(blk))
+    with pytest.raises(ValueError, match="cannot be split into 2 CFG chunks"):
+        R.reference_attention(blk.q, blk.k, blk.v, HEADS, [1, 0], [layer], K.default_attn)
+
+
+def test_end_to_end_bank_masks_to_reader():
+    """Pixel masks -> MaskProjector (area rule) -> select_tokens -> merge -> project -> reader, against the
+    official semantics: features times the block-mean mask weight, zero tokens kept in K/V."""
+    grid = (3, 4)
+    blk = Block(4, seed=15)
+    g = torch.Generator().manual_seed(16)
+    masks = [torch.zeros(6, 8), None, torch.zeros(6, 8)]
+    masks[0][0:4, 0:4] = 1.0
+    masks[0][4:6, 6:8] = 0.5
+    masks[2][2:4, 2:8] = 0.25
+    feats = [torch.randn(grid[0] * grid[1], C, generator=g, dtype=DT) for _ in masks]
+    projector = BK.MaskProjector(masks, "area")
+    captured = [BK.select_tokens(f, projector.weights(i, grid)) for i, f in enumerate(feats)]
+    merged = BK.merge_captured(captured)
+    with torch.no_grad():
+        refs = K.project_references(merged.tokens, merged.dropped, blk.to_k, blk.to_v)
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, [1, 0], [R.ActiveLayer("concat", refs)], K.default_attn)
+
+    official = []
+    for mask, f in zip(masks, feats):
+        for i in range(grid[0]):
+            for j in range(grid[1]):
+                if mask is None:
+                    weight = 1.0
+                else:  # 2x2 pixel block per token
+                    weight = float(mask[2 * i: 2 * i + 2, 2 * j: 2 * j + 2].sum()) / 4.0
+                official.append(f[i * grid[1] + j] * weight)
+    official = torch.stack(official)
+    assert merged.dropped > 1
+    torch.testing.assert_close(out[2:], blk.naive([official], [2, 3]), rtol=0, atol=ATOL)
+    assert torch.equal(out[:2], blk.plain()[:2])
