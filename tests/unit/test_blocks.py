@@ -132,6 +132,7 @@ def test_block_label_and_description(blocks):
     assert B.block_label(("input", 4, 0)) == "input_4.0"
     assert B.block_label(("middle", 0, 1)) == "middle_0.1"
     assert B.describe_architecture(blocks) == "UNet (9 transformer blocks, widths [320, 640, 1280])"
+    assert B.describe_architecture(blocks, "SD15") == "SD15 (9 transformer blocks, widths [320, 640, 1280])"
 
 
 def _keys(selected):
