@@ -1,0 +1,73 @@
+"""The reference patch next to a ControlNet and an IP-Adapter-style attn2 replace on the same model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfyenv import require_comfy
+
+require_comfy()
+
+from helpers import ksample  # noqa: E402
+from test_reference import LATENT, make_bank  # noqa: E402
+from humanref.pipelines.reference import apply_reference_patch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def controlnet(comfy_env):
+    """A tiny ControlNet of the tiny UNet's layout with random weights, through comfy.controlnet.ControlNet."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+    from humanref.pipelines.synthetic import random_like, sd15_unet_config
+
+    cfg = sd15_unet_config(model_channels=32, channel_mult=(1, 2))
+    for k in ("transformer_depth_output", "use_temporal_attention", "use_temporal_resblock", "out_channels"):
+        cfg.pop(k)
+    with torch.device("meta"):
+        meta = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, **cfg)
+    control = comfy.cldm.cldm.ControlNet(hint_channels=3, device="cpu", operations=comfy.ops.disable_weight_init, **cfg)
+    control.load_state_dict(random_like({k: v.shape for k, v in meta.state_dict().items()}, seed=5))
+    # like an SD1.5 ControlNet: the hint is a pixel image that its own input_hint_block brings to the latent grid
+    return comfy.controlnet.ControlNet(control, load_device=torch.device("cpu"))
+
+
+def with_controlnet(conds, controlnet):
+    import nodes
+
+    hint = torch.rand(1, 48, 80, 3, generator=torch.Generator().manual_seed(1))
+    return nodes.ControlNetApplyAdvanced().apply_controlnet(conds[0], conds[1], controlnet, hint, 1.0, 0.0, 1.0)
+
+
+def test_reference_patch_with_controlnet(tiny_model, clip_vae, conds, controlnet):
+    bank = make_bank(tiny_model, clip_vae)
+    patched = apply_reference_patch(tiny_model, bank)
+    cn_conds = with_controlnet(conds, controlnet)
+    both = ksample(patched, cn_conds, LATENT)
+    assert torch.isfinite(both).all()
+    assert (both - ksample(tiny_model, cn_conds, LATENT)).abs().max() > 1e-3  # the references act
+    assert (both - ksample(patched, conds, LATENT)).abs().max() > 1e-3  # the ControlNet acts
+
+
+def test_reference_patch_with_ip_adapter_style_attn2_replace(tiny_model, clip_vae, conds):
+    import comfy.ldm.modules.attention as attention
+    from humanref.attention.blocks import walk_transformer_blocks
+
+    calls = []
+    extra = torch.randn(1, 4, 768, generator=torch.Generator().manual_seed(3))
+
+    def ip_like(q, k, v, extra_options):  # cross-attention plus an extra image-token term, as IP-Adapter does
+        calls.append(extra_options["block"])
+        out = attention.optimized_attention(q, k, v, extra_options["n_heads"])
+        c = q.shape[-1]
+        ek = extra[..., :c].expand(q.shape[0], -1, -1).to(q.dtype)
+        return out + 0.5 * attention.optimized_attention(q, ek, ek, extra_options["n_heads"])
+
+    ip = tiny_model.clone()
+    for b in walk_transformer_blocks(ip.model.diffusion_model):
+        ip.set_model_attn2_replace(ip_like, b.key[0], b.key[1], b.key[2])
+    bank = make_bank(tiny_model, clip_vae)
+    both = ksample(apply_reference_patch(ip, bank), conds, LATENT)
+    assert calls, "the attn2 replace must still run under the reference patch"
+    assert (both - ksample(ip, conds, LATENT)).abs().max() > 1e-3
+    assert (both - ksample(apply_reference_patch(tiny_model, bank), conds, LATENT)).abs().max() > 1e-3
