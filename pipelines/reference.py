@@ -8,8 +8,8 @@ banks) and calls the engine.
 """
 from __future__ import annotations
 
-import itertools
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -30,7 +30,6 @@ from .writer import WriterInputs, encode_images, group_references, label_conds, 
 
 log = logging.getLogger("humanref")
 RUNS_KEY = "humanref_runs"
-_uids = itertools.count()
 
 
 # ----------------------------------------------------------------------------------------------- writer side
@@ -267,7 +266,7 @@ def apply_reference_patch(
     all_blocks = walk_transformer_blocks(patched.model.diffusion_model)
     chosen = select_blocks(all_blocks, block_set, custom_blocks)
     check_compatible(bank, chosen, describe_architecture(all_blocks, model_family(patched)))
-    uid = f"humanref_ref_{next(_uids)}"
+    uid = f"humanref_ref_{uuid.uuid4().hex[:12]}"
     layer = ReferenceLayer(uid, bank, mode, float(strength), float(start_percent), float(end_percent), bool(uncond),
                            {b.key: b.path for b in chosen})
     replaces = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
