@@ -1,0 +1,233 @@
+"""Command line of the pack: ``python -m humanref run ...`` and ``python -m humanref tiny-models ...``.
+
+Only the standard library and websocket-client at import time; torch and ComfyUI are imported by the
+commands that need them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import sys
+from typing import Optional, Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_SERVER = "http://127.0.0.1:8188"
+
+DESCRIPTION = """\
+HumanRef command line.
+
+  python -m humanref run WORKFLOW.json [--server URL | --comfyui PATH [--models DIR]]
+                         [--set NODE.INPUT=VALUE ...] [--inputs DIR] [--out DIR] [--timeout SECONDS]
+      Queue a workflow (API format, or UI format converted through the server's /object_info) on a running
+      ComfyUI server, or on a private one started from --comfyui PATH (127.0.0.1, free port, temporary
+      folders, this pack installed, stopped at the end); show progress; save the outputs to --out
+      (default ./humanref-out). Image files given with --set to LoadImage-like nodes are uploaded.
+
+  python -m humanref tiny-models DIR [--comfyui PATH] [--force]
+      Write small synthetic models (random weights) for the example workflows into a ComfyUI models
+      layout under DIR (DIR/checkpoints/humanref-tiny-sd15.safetensors), e.g. for run --models DIR.
+
+  python -m humanref render WORKFLOW.json PICTURE.png [--scale S]
+      Draw a UI-format workflow (nodes, widget values, links) to a PNG, as in the README.
+
+Run `python -m humanref COMMAND --help` for every option.
+"""
+
+RUN_EPILOG = """\
+examples:
+  python -m humanref run workflows/api/reference_portrait.json --server http://127.0.0.1:8188
+  python -m humanref run workflows/reference_portrait.json --comfyui /opt/ComfyUI --models ./tiny \\
+      --inputs workflows/inputs --set 1.ckpt_name=humanref-tiny-sd15.safetensors --set 13.steps=4
+  python -m humanref run wf.json --server http://127.0.0.1:8188 --set 2.image=face.png --set KSampler.seed=7
+
+--set NODE.INPUT=VALUE: NODE is a node id (or a unique title or class type); VALUE is parsed as JSON when it
+can be (4, 7.5, true, "text", [\"3\", 0]) and is a string otherwise. A VALUE naming an existing file, given to the
+image input of a LoadImage-like node, is uploaded (POST /upload/image) and replaced by the uploaded name.
+
+exit status: 0 done, 1 rejected by the server / a node failed / timeout / server error, 2 bad arguments or
+workflow, 130 interrupted. Saved files are printed on stdout, progress and errors on stderr.
+"""
+
+TINY_EPILOG = """\
+Writes DIR/checkpoints/humanref-tiny-sd15.safetensors (tiny UNet, full-size CLIP-L and VAE, random weights, fp16,
+about 400 MB) in ComfyUI's models layout: pass DIR to `run --models DIR` or to an extra_model_paths.yaml. The
+images it makes are noise; it exists to run the example workflows end to end on a CPU.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m humanref", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="queue a workflow on a ComfyUI server and save its outputs",
+                         description="Queue a ComfyUI workflow (API format, or UI format converted through the "
+                                     "server's /object_info), show progress, save the outputs.",
+                         epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("workflow", help="workflow JSON file (API or UI format)")
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--server", metavar="URL",
+                       help=f"a running ComfyUI server (default {DEFAULT_SERVER} when --comfyui is not given)")
+    where.add_argument("--comfyui", metavar="PATH",
+                       help="start a private ComfyUI from this folder on 127.0.0.1 (free port, temporary "
+                            "input/output/user/temp folders, this pack installed) and stop it at the end")
+    run.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                     help="override a node input (repeatable)")
+    run.add_argument("--out", default="humanref-out", metavar="DIR",
+                     help="where to save the outputs (default ./humanref-out)")
+    run.add_argument("--models", metavar="DIR",
+                     help="with --comfyui: a models folder in ComfyUI's layout (checkpoints/, vae/, ...) to add")
+    run.add_argument("--inputs", metavar="DIR",
+                     help="upload the images that the workflow's LoadImage-like nodes name, when they exist in DIR")
+    run.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS",
+                     help="give up on the prompt after this long (default 900)")
+    run.add_argument("--start-timeout", type=float, default=180.0, metavar="SECONDS",
+                     help="with --comfyui: how long to wait for the server to start (default 180)")
+    run.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=None,
+                     help="with --comfyui: pass --cpu to ComfyUI (default: when torch sees no GPU)")
+    run.add_argument("--comfyui-args", default="", metavar="ARGS",
+                     help="with --comfyui: more ComfyUI arguments; write it with '=' as they start with '--': "
+                          "--comfyui-args='--lowvram --preview-method none'")
+    run.add_argument("--server-log", metavar="FILE", help="with --comfyui: keep the server's log in FILE")
+    run.add_argument("--print-prompt", action="store_true",
+                     help="print the API prompt that would be queued (after conversion and --set) and exit")
+    run.add_argument("--save-temp", action="store_true", help="also save temporary outputs (PreviewImage)")
+
+    tiny = sub.add_parser("tiny-models", help="write small synthetic models for the example workflows",
+                          description="Write small synthetic models (random weights) for every example workflow "
+                                      "into a ComfyUI models folder layout under DIR.",
+                          epilog=TINY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tiny.add_argument("directory", metavar="DIR")
+    tiny.add_argument("--comfyui", metavar="PATH",
+                      help="ComfyUI folder to import (default: $COMFYUI_PATH or /opt/ComfyUI)")
+    tiny.add_argument("--force", action="store_true", help="rewrite files that already exist")
+    render = sub.add_parser("render", help="draw a UI-format workflow to a PNG (the README's pictures)")
+    render.add_argument("workflow", help="UI-format workflow JSON")
+    render.add_argument("png", help="where to write the picture")
+    render.add_argument("--scale", type=float, default=0.8, help="picture scale (default 0.8)")
+    return parser
+
+
+def _raise_keyboard_interrupt(signum, frame):  # SIGTERM -> the same clean-up as Ctrl-C
+    raise KeyboardInterrupt
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .client import ComfyClient, ComfyError, PromptRejected
+    from .convert import ConversionError
+    from .run import (Progress, Uploader, UsageError, apply_sets, load_workflow, parse_sets, save_outputs,
+                      to_api, upload_from_dir)
+    from .server import LocalComfyUI, ServerError
+
+    err = sys.stderr
+    server = None
+    try:
+        workflow = load_workflow(args.workflow)
+        sets = parse_sets(args.set)
+        if args.inputs and not os.path.isdir(args.inputs):
+            raise UsageError(f"--inputs {args.inputs} is not a directory")
+        if args.comfyui:
+            try:
+                extra = shlex.split(args.comfyui_args)
+            except ValueError as e:
+                raise UsageError(f"--comfyui-args: {e}") from None
+            server = LocalComfyUI(args.comfyui, models=args.models, cpu=args.cpu, extra_args=extra,
+                                  start_timeout=args.start_timeout, log_path=args.server_log)
+            print(f"starting ComfyUI from {server.comfyui} ...", file=err, flush=True)
+            server.start()
+            print(f"ComfyUI is up at {server.url} (temporary folder {server.tmp})", file=err, flush=True)
+            url = server.url
+        else:
+            if args.models:
+                print("warning: --models is only used with --comfyui (a running server has its own model paths)",
+                      file=err)
+            url = args.server or DEFAULT_SERVER
+        client = ComfyClient(url)
+        prompt, ui = to_api(workflow, client, err)
+        uploader = Uploader(client, err)
+        if args.inputs:
+            upload_from_dir(prompt, args.inputs, uploader)
+        apply_sets(prompt, sets, uploader)
+        if args.print_prompt:
+            import json
+
+            print(json.dumps(prompt, indent=2))
+            return EXIT_OK
+        progress = Progress(prompt, err)
+        extra_data = {"extra_pnginfo": {"workflow": ui}} if ui is not None else None
+        try:
+            result = client.run(prompt, extra_data=extra_data, timeout=args.timeout, on_event=progress)
+        finally:
+            progress.close()
+        saved = save_outputs(client, result, args.out, include_temp=args.save_temp)
+        for path in saved:
+            print(path)
+        if not saved:
+            print("warning: the prompt ran but produced no output files", file=err)
+        print(f"done in {result.seconds:.1f} s: {len(saved)} file(s) in {args.out}", file=err)
+        return EXIT_OK
+    except (UsageError, ConversionError) as e:
+        print(f"error: {e}", file=err)
+        return EXIT_USAGE
+    except PromptRejected as e:
+        print(f"error: {e}", file=err)
+        return EXIT_FAILED
+    except (ComfyError, ServerError) as e:
+        print(f"error: {e}", file=err)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=err)
+        return EXIT_INTERRUPTED
+    finally:
+        if server is not None:
+            try:
+                server.stop()
+            except KeyboardInterrupt:
+                server.stop()
+
+
+def cmd_tiny_models(args: argparse.Namespace) -> int:
+    from .server import default_comfyui_path
+    from .tiny_models import write_tiny_models
+
+    try:
+        write_tiny_models(os.path.abspath(args.directory), args.comfyui or default_comfyui_path(), force=args.force)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    # SIGTERM and SIGHUP get the same clean-up as Ctrl-C (a private server is always stopped)
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        try:
+            previous[sig] = signal.signal(sig, _raise_keyboard_interrupt)
+        except (ValueError, OSError):  # not the main thread
+            pass
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "render":
+            from .render import render_file
+
+            render_file(args.workflow, args.png, args.scale)
+            return EXIT_OK
+        return cmd_tiny_models(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

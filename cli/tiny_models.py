@@ -1,0 +1,85 @@
+"""``python -m humanref tiny-models DIR``: small synthetic models (random weights) for the example workflows.
+
+They load through ComfyUI's own loaders (the real key layouts) but produce noise: they exist to run every
+example workflow end to end on a CPU, in tests and smoke checks, without downloading anything.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, TextIO
+
+TINY_SD15_CHECKPOINT = "humanref-tiny-sd15.safetensors"
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    folder: str  # ComfyUI model folder name under DIR
+    filename: str
+    build: Callable[[], dict]
+    description: str
+
+
+def tiny_sd15_unet_config() -> dict:
+    """One level (channel_mult (1,)), one res block, a middle transformer: about 26 M parameters.
+
+    Still model_channels 320, context 768 and conv proj_in, so ComfyUI detects it as SD15; every block kind
+    the pack patches (input, middle, output transformers) is there.
+    """
+    from ..pipelines.synthetic import sd15_unet_config
+
+    return sd15_unet_config(channel_mult=(1,), num_res_blocks=1, middle=True)
+
+
+def _sd15_checkpoint() -> dict:
+    import torch
+
+    from ..pipelines.synthetic import sd15_checkpoint_state_dict
+
+    return sd15_checkpoint_state_dict(tiny_sd15_unet_config(), dtype=torch.float16)
+
+
+TINY_MODELS: tuple[TinyModel, ...] = (
+    TinyModel("checkpoints", TINY_SD15_CHECKPOINT, _sd15_checkpoint,
+              "SD1.5 checkpoint: tiny UNet (26 M), full-size CLIP-L and VAE, random weights, fp16"),
+)
+
+
+def prepare_comfy(comfyui: str) -> None:
+    """Make ComfyUI importable in CPU mode without writing bytecode into its folder."""
+    if not os.path.isfile(os.path.join(comfyui, "main.py")):
+        raise FileNotFoundError(f"no ComfyUI at {comfyui} (main.py not found): give --comfyui PATH or set "
+                                "COMFYUI_PATH")
+    sys.dont_write_bytecode = True
+    if comfyui not in sys.path:
+        sys.path.insert(0, comfyui)
+    from comfy.cli_args import args
+
+    args.cpu = True
+
+
+def write_tiny_models(directory: str, comfyui: str, force: bool = False, log: TextIO = sys.stdout) -> list[str]:
+    """Write every tiny model under directory/<folder>/; existing files are kept unless force."""
+    prepare_comfy(os.path.abspath(comfyui))
+    from safetensors.torch import save_file
+
+    written = []
+    for model in TINY_MODELS:
+        folder = os.path.join(directory, model.folder)
+        path = os.path.join(folder, model.filename)
+        if os.path.exists(path) and not force:
+            print(f"exists   {path} ({os.path.getsize(path) / 2**20:.0f} MiB; --force to rewrite)", file=log)
+            written.append(path)
+            continue
+        os.makedirs(folder, exist_ok=True)
+        t0 = time.monotonic()
+        sd = model.build()
+        tmp = path + ".part"
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata={"humanref": "tiny synthetic model"})
+        os.replace(tmp, path)
+        print(f"wrote    {path} ({os.path.getsize(path) / 2**20:.0f} MiB, {time.monotonic() - t0:.1f} s): "
+              f"{model.description}", file=log)
+        written.append(path)
+    return written

@@ -1,0 +1,67 @@
+"""End-to-end tier: one ComfyUI server on 127.0.0.1 per test session, started through the pack's own CLI code.
+
+The server gets the pack (custom_nodes symlink) and a temporary models folder holding the tiny checkpoint
+written by ``python -m humanref tiny-models``. Set HUMANREF_TINY_MODELS=DIR to reuse models written earlier.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from e2e_support import TINY_CKPT, comfyui_path, humanref_cli
+
+
+@pytest.fixture(scope="session")
+def untouched_stamp(tmp_path_factory) -> Path:
+    """A file whose mtime predates everything the e2e tier starts (to check nothing is written elsewhere)."""
+    stamp = tmp_path_factory.mktemp("stamp") / "stamp"
+    stamp.write_text("")
+    past = time.time() - 2
+    os.utime(stamp, (past, past))
+    return stamp
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, untouched_stamp) -> Path:
+    reuse = os.environ.get("HUMANREF_TINY_MODELS")
+    directory = Path(reuse) if reuse else tmp_path_factory.mktemp("models")
+    proc = humanref_cli("tiny-models", str(directory), "--comfyui", comfyui_path(),
+                        cwd=tmp_path_factory.getbasetemp())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (directory / "checkpoints" / TINY_CKPT).is_file(), proc.stdout
+    return directory
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tiny_models, untouched_stamp):
+    """A running ComfyUI (humanref.cli.server.LocalComfyUI); always stopped at the end of the session."""
+    from humanref.cli.server import LocalComfyUI
+
+    server = LocalComfyUI(comfyui_path(), models=str(tiny_models), start_timeout=180)
+    server.start()
+    try:
+        yield server
+    finally:
+        tmp = server.tmp
+        server.stop()
+        assert not server.alive()
+        assert tmp is None or not os.path.exists(tmp)
+
+
+@pytest.fixture(scope="session")
+def server_url(comfy_server) -> str:
+    return comfy_server.url
+
+
+@pytest.fixture(scope="session")
+def client(server_url):
+    from humanref.cli.client import ComfyClient
+
+    return ComfyClient(server_url, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def object_info(client) -> dict:
+    return client.object_info()

@@ -1,0 +1,31 @@
+"""Shared constants and helpers of the end-to-end tier (imported by conftest.py and the test modules)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOWS = REPO / "workflows"
+API_WORKFLOW = WORKFLOWS / "api" / "reference_portrait.json"
+UI_WORKFLOW = WORKFLOWS / "reference_portrait.json"
+INPUTS = WORKFLOWS / "inputs"
+TINY_CKPT = "humanref-tiny-sd15.safetensors"
+
+# small but real: a 128x192 latent image, three steps (tiny UNet; CLIP-L and the VAE are full size)
+SMALL = ["--set", f"1.ckpt_name={TINY_CKPT}", "--set", "12.width=128", "--set", "12.height=192",
+         "--set", "13.steps=3"]
+
+CLI_TIMEOUT = 300  # seconds for one `python -m humanref ...` process
+
+
+def comfyui_path() -> str:
+    return os.environ.get("COMFYUI_PATH", "/opt/ComfyUI")
+
+
+def humanref_cli(*args: str, cwd: Path, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run ``python -m humanref ARGS`` (the installed package), capturing stdout and stderr."""
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "humanref", *args], cwd=str(cwd), env=env,
+                          capture_output=True, text=True, timeout=timeout)
