@@ -85,7 +85,7 @@ def test_batch_two_matches_batch_one(tiny_model, conds, bank):
     one = ksample(patched, conds, torch.zeros(1, 4, 6, 10), seed=9)
     two = ksample(patched, conds, torch.zeros(2, 4, 6, 10), seed=9)
     assert two.shape[0] == 2
-    torch.testing.assert_close(two[:1], one, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(two[:1], one, rtol=1e-3, atol=1e-3)
     assert (two[0] - two[1]).abs().max() > 1e-3
 
 
