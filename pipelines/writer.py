@@ -15,7 +15,11 @@ import comfy.model_management
 import comfy.utils
 
 from ..attention.bank import CapturedTokens, MaskProjector, select_tokens
-from ..attention.blocks import BlockKey
+from ..attention.blocks import BlockKey, walk_transformer_blocks
+
+
+class _WriterDone(Exception):
+    """Raised by the capture after the last block it needs: the rest of the writer's forward is wasted work."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,7 +80,8 @@ def group_references(latents: list[Tensor], conds: list[dict[str, Tensor]]) -> t
 
 
 def _capture_patch(store: dict[BlockKey, dict[int, CapturedTokens]], keys: Optional[set[BlockKey]],
-                   indices: tuple[int, ...], projector: MaskProjector, keep_device: Optional[torch.device]):
+                   indices: tuple[int, ...], projector: MaskProjector, keep_device: Optional[torch.device],
+                   last: BlockKey):
     def capture(n: Tensor, context: Tensor, value: Tensor, extra_options: dict):
         block = extra_options.get("block")
         if block is None:
@@ -95,6 +100,8 @@ def _capture_patch(store: dict[BlockKey, dict[int, CapturedTokens]], keys: Optio
             if keep_device is not None:
                 cap = CapturedTokens(cap.tokens.to(keep_device), cap.dropped)
             slot[ref] = cap
+        if key == last:
+            raise _WriterDone
         return n, context, value
 
     return capture
@@ -111,8 +118,11 @@ def run_writer(
     patcher = writer.patcher
     model = patcher.model
     device = patcher.load_device
-    dtype = model.get_dtype() if model.manual_cast_dtype is None else model.manual_cast_dtype
     keyset = None if keys is None else set(keys)
+    order = [b.key for b in walk_transformer_blocks(model.diffusion_model)]
+    wanted = [k for k in order if keyset is None or k in keyset]
+    if not wanted:
+        return {}
     store: dict[BlockKey, dict[int, CapturedTokens]] = {}
     base_to = patcher.model_options.get("transformer_options", {})
     for gi, group in enumerate(writer.groups):
@@ -126,13 +136,16 @@ def run_writer(
         s = torch.full((x.shape[0],), float(sigma), device=device)
         to = dict(base_to)
         patches = dict(to.get("patches", {}))
-        capture = _capture_patch(store, keyset, group.indices, writer.projector, keep_device)
+        capture = _capture_patch(store, keyset, group.indices, writer.projector, keep_device, wanted[-1])
         patches["attn1_patch"] = list(patches.get("attn1_patch", [])) + [capture]
         to["patches"] = patches
         to.pop("wrappers", None)
         conds = {k: v.to(device) for k, v in group.conds.items()}
-        with torch.no_grad():
-            model.apply_model(x, s, transformer_options=to, **conds)
+        try:
+            with torch.no_grad():
+                model.apply_model(x, s, transformer_options=to, **conds)
+        except _WriterDone:
+            pass
         if progress is not None:
             progress.update(len(group.indices))
     return {key: tuple(per_ref[i] for i in range(writer.count)) for key, per_ref in store.items()

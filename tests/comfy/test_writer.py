@@ -112,3 +112,19 @@ def test_every_step_capture_uses_the_noised_reference(tiny_model, writer_setup):
     again = run_writer(inputs, sigma)  # fixed noise: a second pass is identical
     for key in feats:
         assert torch.equal(feats[key][0].tokens, again[key][0].tokens)
+
+
+def test_writer_stops_after_the_last_block_it_needs(tiny_model, writer_setup):
+    latents, conds, _ = writer_setup
+    blocks = walk_transformer_blocks(tiny_model.model.diffusion_model)
+    ran = []
+    handles = [tiny_model.model.diffusion_model.get_submodule(b.path).norm1.register_forward_hook(
+        lambda m, i, o, key=b.key: ran.append(key)) for b in blocks]
+    try:
+        inputs = WriterInputs(tiny_model, group_references(latents[:1], conds[:1]), MaskProjector([None], "area"), 1)
+        feats = run_writer(inputs, 0.0, keys={blocks[0].key})
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(feats) == {blocks[0].key}
+    assert ran == [blocks[0].key]  # no later block ran
