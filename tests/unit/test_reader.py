@@ -15,6 +15,7 @@ from torch import nn
 from humanref.attention import bank as BK
 from humanref.attention import kernels as K
 from humanref.attention import reader as R
+from naive import linear as naive_linear, naive_attention, proj  # noqa: F401
 
 ATOL = 1e-10
 DT = torch.float64
@@ -24,34 +25,8 @@ N_OWN = 5
 
 
 # ----------------------------------------------------------------------------------------------- naive helpers
-def naive_attention(q, k, v, heads):
-    b, nq, c = q.shape
-    d = c // heads
-    out = torch.zeros(b, nq, c, dtype=DT)
-    for bi in range(b):
-        for h in range(heads):
-            cols = slice(h * d, (h + 1) * d)
-            logits = (q[bi, :, cols] @ k[bi, :, cols].T) / math.sqrt(d)
-            e = torch.exp(logits - logits.max(dim=1, keepdim=True).values)
-            out[bi, :, cols] = (e / e.sum(dim=1, keepdim=True)) @ v[bi, :, cols]
-    return out
-
-
 def linear(seed, bias=True):
-    g = torch.Generator().manual_seed(seed)
-    lin = nn.Linear(C, C, bias=bias, dtype=DT)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(C, C, generator=g, dtype=DT) / math.sqrt(C))
-        if bias:
-            lin.bias.copy_(0.5 * torch.randn(C, generator=g, dtype=DT))
-    return lin
-
-
-def proj(lin, t):
-    out = t @ lin.weight.detach().T
-    if lin.bias is not None:
-        out = out + lin.bias.detach()
-    return out
+    return naive_linear(seed, bias, C)
 
 
 class Block:
