@@ -21,7 +21,8 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
 
-from ..attention.bank import MAX_REFERENCES, CapturedTokens, MaskProjector, ReferenceBank, ReferenceInfo
+from ..attention.bank import (MAX_REFERENCES, CapturedTokens, MaskProjector, ReferenceBank, ReferenceInfo,
+                              merge_captured)
 from ..attention.blocks import BlockInfo, BlockKey, block_label, describe_architecture, select_blocks, walk_transformer_blocks
 from ..attention.kernels import ProjectedReferences, project_references
 from ..attention.reader import DILUTING_MODES, ActiveLayer, reference_attention
@@ -93,7 +94,7 @@ class ReferenceLayer:
     start_percent: float
     end_percent: float
     uncond: bool
-    paths: dict = field(default_factory=dict)  # BlockKey -> module path of the reader's transformer block
+    paths: dict = field(default_factory=dict)  # BlockKey -> module path, in the UNet's execution order
 
     def __deepcopy__(self, memo: dict) -> "ReferenceLayer":
         return self
@@ -135,8 +136,7 @@ class RunState:
                 self.features = dict(bank.features)
             return
         if self.writer_sigma != sigma:
-            keys = set(self.layer.paths)
-            self.features = run_writer(bank.writer, sigma, keys=keys)
+            self.features = run_writer(bank.writer, sigma, keys=tuple(self.layer.paths))
             self.writer_sigma = sigma
             self.writer_passes += 1
             self.projected.clear()
@@ -147,8 +147,9 @@ class RunState:
         refs = None
         entries = None if self.features is None else self.features.get(key)
         if entries:
-            tokens = torch.cat([e.tokens for e in entries], dim=0).to(device=like.device, dtype=like.dtype)
-            dropped = sum(e.dropped for e in entries)
+            merged = merge_captured(entries)
+            tokens = merged.tokens.to(device=like.device, dtype=like.dtype)
+            dropped = merged.dropped
             attn1 = self.unet.get_submodule(self.layer.paths[key]).attn1
             layer = self.layer
             strength = layer.strength if layer.mode in ("concat", "strict") else 1.0
@@ -267,8 +268,9 @@ def apply_reference_patch(
     chosen = select_blocks(all_blocks, block_set, custom_blocks)
     check_compatible(bank, chosen, describe_architecture(all_blocks, model_family(patched)))
     uid = f"humanref_ref_{uuid.uuid4().hex[:12]}"
+    chosen_keys = {b.key for b in chosen}
     layer = ReferenceLayer(uid, bank, mode, float(strength), float(start_percent), float(end_percent), bool(uncond),
-                           {b.key: b.path for b in chosen})
+                           {b.key: b.path for b in all_blocks if b.key in chosen_keys})
     replaces = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
     for b in chosen:
         existing = replaces.get(b.key)

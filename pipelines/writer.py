@@ -6,7 +6,7 @@ block's token grid (``activations_shape``) for the mask projection. The writer's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -110,19 +110,22 @@ def _capture_patch(store: dict[BlockKey, dict[int, CapturedTokens]], keys: Optio
 def run_writer(
     writer: WriterInputs,
     sigma: float,
-    keys: Optional[Iterable[BlockKey]] = None,
+    keys: Optional[Sequence[BlockKey]] = None,
     keep_device: Optional[torch.device] = None,
     progress: Optional[Any] = None,
 ) -> dict[BlockKey, tuple[CapturedTokens, ...]]:
-    """One writer forward per group at ``sigma`` (0 = clean latents at t = 0); features per block per ref."""
+    """One writer forward per group at ``sigma`` (0 = clean latents at t = 0); features per block per ref.
+
+    ``keys``: the blocks to capture in execution order (the forward stops after the last one); None = all,
+    found by walking the model, which per-step callers avoid by passing their ordered keys.
+    """
     patcher = writer.patcher
     model = patcher.model
     device = patcher.load_device
-    keyset = None if keys is None else set(keys)
-    order = [b.key for b in walk_transformer_blocks(model.diffusion_model)]
-    wanted = [k for k in order if keyset is None or k in keyset]
+    wanted = list(keys) if keys is not None else [b.key for b in walk_transformer_blocks(model.diffusion_model)]
     if not wanted:
         return {}
+    keyset = set(wanted)
     store: dict[BlockKey, dict[int, CapturedTokens]] = {}
     base_to = patcher.model_options.get("transformer_options", {})
     for gi, group in enumerate(writer.groups):

@@ -229,3 +229,22 @@ def test_block_sets_patch_only_their_blocks(tiny_model, bank):
         patched = apply_reference_patch(tiny_model, bank, block_set=block_set)
         keys = patched.model_options["transformer_options"]["patches_replace"]["attn1"].keys()
         assert {k[0] for k in keys} == kinds
+
+
+def test_custom_blocks_out_of_order_capture_every_block(tiny_model, conds, step_bank, monkeypatch):
+    """The writer stops after the last block in execution order, whatever order custom_blocks lists them in."""
+    captured = []
+    real = reference_mod.run_writer
+
+    def recording(writer, sigma, *args, **kwargs):
+        out = real(writer, sigma, *args, **kwargs)
+        captured.append(set(out))
+        return out
+
+    monkeypatch.setattr(reference_mod, "run_writer", recording)
+    patched = apply_reference_patch(tiny_model, step_bank, block_set="custom", custom_blocks="output_3, input_1")
+    wanted = set(patched.model_options["transformer_options"]["patches_replace"]["attn1"])
+    assert {k[0] for k in wanted} == {"input", "output"}
+    out = ksample(patched, conds, LATENT, steps=2)
+    assert captured and all(c == wanted for c in captured)
+    assert (out - ksample(tiny_model, conds, LATENT, steps=2)).abs().max() > 1e-4

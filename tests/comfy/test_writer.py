@@ -122,7 +122,7 @@ def test_writer_stops_after_the_last_block_it_needs(tiny_model, writer_setup):
         lambda m, i, o, key=b.key: ran.append(key)) for b in blocks]
     try:
         inputs = WriterInputs(tiny_model, group_references(latents[:1], conds[:1]), MaskProjector([None], "area"), 1)
-        feats = run_writer(inputs, 0.0, keys={blocks[0].key})
+        feats = run_writer(inputs, 0.0, keys=(blocks[0].key,))
     finally:
         for h in handles:
             h.remove()
