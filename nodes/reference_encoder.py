@@ -65,3 +65,4 @@ class ReferenceEncoder(io.ComfyNode):
         refs = prepare_references(given, max_side, MAX_REFERENCES)
         bank = build_reference_bank(writer, vae, clip, refs, timing, mask_rule)
         return io.NodeOutput(bank)
+NODES = [ReferenceEncoder]

@@ -48,3 +48,4 @@ class MaskedSharedAttentionPatch(io.ComfyNode):
         patched = apply_reference_patch(model, reference_bank, mode, strength, start_percent, end_percent,
                                         blocks, custom_blocks, uncond_sees_references)
         return io.NodeOutput(patched)
+NODES = [MaskedSharedAttentionPatch]
