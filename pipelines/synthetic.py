@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -44,6 +45,22 @@ def sdxl_unet_config(model_channels: int = 64, channel_mult: tuple[int, ...] = (
         "channel_mult": list(channel_mult), "transformer_depth_middle": depth, "use_linear_in_transformer": True,
         "context_dim": 2048, "num_head_channels": 64, "use_temporal_attention": False, "use_temporal_resblock": False,
     }
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """One file (or folder) that ``python -m humanref tiny-models DIR`` writes under DIR/<folder>/<filename>.
+
+    Give ``build`` (a state dict, saved as safetensors) or ``write`` (called with the target path, for files
+    that are not a flat safetensors state dict: folders, pickles). Modules named ``pipelines/synthetic_*.py``
+    contribute theirs through a ``TINY_MODELS`` tuple.
+    """
+
+    folder: str  # ComfyUI model folder name under DIR
+    filename: str
+    description: str
+    build: Optional[Callable[[], dict]] = None
+    write: Optional[Callable[[str], None]] = None
 
 
 def random_like(shapes: dict[str, torch.Size], seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
@@ -112,6 +129,29 @@ def vae_shapes() -> dict[str, torch.Size]:
     with torch.device("meta"):
         vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
     return _meta_shapes(vae)
+
+
+def controlnet_shapes(unet_config: dict, hint_channels: int = 3) -> dict[str, torch.Size]:
+    """Shapes of an SD1.5-style ControlNet matching unet_config (ComfyUI's cldm module, ldm key names)."""
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    cfg = {k: v for k, v in unet_config.items()
+           if k not in ("transformer_depth_output", "use_temporal_attention", "use_temporal_resblock", "out_channels")}
+    with torch.device("meta"):
+        control = comfy.cldm.cldm.ControlNet(hint_channels=hint_channels, device="meta",
+                                             operations=comfy.ops.disable_weight_init, **cfg)
+    return _meta_shapes(control)
+
+
+def controlnet_state_dict(unet_config: Optional[dict] = None, seed: int = 0,
+                          dtype: torch.dtype = torch.float16) -> dict[str, Tensor]:
+    """A ControlNet file's state dict in the original ``control_model.*`` layout (as the lllyasviel releases).
+
+    Zero convolutions get random weights too, so the ControlNet visibly acts in tests.
+    """
+    shapes = controlnet_shapes(unet_config or sd15_unet_config())
+    return {f"control_model.{k}": v for k, v in random_like(shapes, seed, dtype).items()}
 
 
 def sd15_checkpoint_state_dict(unet_config: Optional[dict] = None, seed: int = 0,
