@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .blocks import BlockKey
+from .kernels import LinearWeights
 from .masks import project_mask
 
 TIMINGS: tuple[str, ...] = ("every step", "once at t=0")
@@ -78,7 +79,8 @@ class ReferenceInfo:
 class ReferenceBank:
     """References seen by a writer. ``features`` holds captured tokens per block per reference when the
     writer ran once at t = 0; with ``every step`` it is None and ``writer`` carries what the host needs to
-    run the writer at each step (opaque here)."""
+    run the writer at each step (opaque here). ``projections`` carries a garment bank's trained dual-mode
+    key/value projections to every reader of the bank."""
 
     references: tuple[ReferenceInfo, ...]
     block_channels: Mapping[BlockKey, int]
@@ -87,6 +89,9 @@ class ReferenceBank:
     features: Optional[Mapping[BlockKey, tuple[CapturedTokens, ...]]] = None
     writer: Any = field(default=None, repr=False)
     family: str = ""  # the writer's model family as the host names it (e.g. "SD15", "SDXL")
+    # trained key/value projections (W'_k, W'_v) per block for the dual mode (AnyDressing); None = the
+    # reader's own to_k/to_v (training-free)
+    projections: Optional[Mapping[BlockKey, tuple[LinearWeights, LinearWeights]]] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.timing not in TIMINGS:

@@ -42,15 +42,36 @@ def default_attn(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
 
 @dataclass(frozen=True, eq=False)
 class ProjectedReferences:
-    """Reference keys/values for one block, already projected: k, v [1, M, C]; bias [M] or None."""
+    """Reference keys/values for one block, already projected: k, v [1, M, C]; bias [M] or None.
+
+    ``segments``: how many consecutive keys each reference owns (sums to M), when a kernel needs to tell the
+    references apart (per-garment region masks of the dual kernel); empty when nobody asks.
+    """
 
     k: Tensor
     v: Tensor
     bias: Optional[Tensor] = None
+    segments: tuple[int, ...] = ()
 
     @property
     def length(self) -> int:
         return self.k.shape[1]
+
+
+@dataclass(frozen=True, eq=False)
+class LinearWeights:
+    """A key or value projection given as tensors (AnyDressing's trained W'_k / W'_v): y = x W^T (+ b).
+
+    Cast to the input's device and dtype on use, so one copy serves every model dtype.
+    """
+
+    weight: Tensor  # [out, in]
+    bias: Optional[Tensor] = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        w = self.weight.to(device=x.device, dtype=x.dtype)
+        b = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
+        return F.linear(x, w, b)
 
 
 def project_references(
@@ -139,3 +160,71 @@ def dual_attention(
 ) -> Tensor:
     """Attn(x, x) + lambda * Attn(Q_x, F W'_k, F W'_v) (AnyDressing, lambda 0.7)."""
     return attn_fn(q, k, v, heads) + lam * dual_term(q, heads, refs, attn_fn)
+
+
+def key_owners(refs: ProjectedReferences) -> Tensor:
+    """Reference index of every key [M] (long), from ``refs.segments``."""
+    if sum(refs.segments) != refs.length:
+        raise ValueError(f"reference segments {refs.segments} do not add up to the {refs.length} reference keys")
+    sizes = torch.tensor(refs.segments, dtype=torch.long, device=refs.k.device)
+    return torch.repeat_interleave(torch.arange(len(refs.segments), device=refs.k.device), sizes)
+
+
+def _subset(refs: ProjectedReferences, keys: Tensor) -> ProjectedReferences:
+    bias = None if refs.bias is None else refs.bias[keys]
+    return ProjectedReferences(refs.k[:, keys], refs.v[:, keys], bias)
+
+
+def region_dual_term(q: Tensor, heads: int, refs: ProjectedReferences, allowed: Optional[Tensor],
+                     attn_fn: AttnFn) -> Tensor:
+    """The dual term where query token i may attend only to the references r with ``allowed[i, r]``.
+
+    ``allowed`` [Nq, R] bool is the same for every batch row (per-garment region masks on the target). Queries
+    are grouped by their pattern of allowed references, and each group attends to the concatenation of its
+    references' keys, so no [Nq, M] mask is ever built. A query allowed no reference gets 0 (no garment there).
+    """
+    if allowed is None:
+        return dual_term(q, heads, refs, attn_fn)
+    if allowed.ndim != 2 or allowed.shape[0] != q.shape[1] or allowed.shape[1] != len(refs.segments):
+        raise ValueError(f"region pattern {tuple(allowed.shape)} does not fit {q.shape[1]} queries and "
+                         f"{len(refs.segments)} references")
+    allowed = allowed.to(device=q.device, dtype=torch.bool)
+    if bool(allowed.all()):
+        return dual_term(q, heads, refs, attn_fn)
+    owners = key_owners(refs)
+    patterns, inverse = torch.unique(allowed.to(torch.uint8), dim=0, return_inverse=True)
+    out = q.new_zeros(q.shape)
+    for p in range(patterns.shape[0]):
+        pattern = patterns[p].bool()
+        if not bool(pattern.any()):
+            continue
+        keys = pattern[owners].nonzero().squeeze(1)
+        if keys.numel() == 0:  # the allowed references have no kept tokens at this block
+            continue
+        rows = (inverse == p).nonzero().squeeze(1)
+        out[:, rows] = dual_term(q[:, rows], heads, _subset(refs, keys), attn_fn)
+    return out
+
+
+def dual_attention_weights(q: Tensor, heads: int, refs: ProjectedReferences,
+                           allowed: Optional[Tensor] = None) -> Tensor:
+    """Attention probabilities of the dual term, [B, heads, Nq, M] (zero rows where a query sees nothing).
+
+    Diagnostics and AnyDressing's instance-level localization (IGL) loss: summing the columns of one garment
+    gives its attention map. Materialises the full map, so use it on small cases or single blocks.
+    """
+    b, nq, c = q.shape
+    d = c // heads
+    k = refs.k.to(q.dtype).expand(b, -1, -1)
+    qh = q.reshape(b, nq, heads, d).transpose(1, 2)
+    kh = k.reshape(b, -1, heads, d).transpose(1, 2)
+    logits = qh @ kh.transpose(-1, -2) / math.sqrt(d)
+    if refs.bias is not None:
+        logits = logits + refs.bias.to(device=q.device, dtype=q.dtype)
+    if allowed is not None:
+        owners = key_owners(refs)
+        ok = allowed.to(device=q.device, dtype=torch.bool)[:, owners]  # [Nq, M]
+        logits = logits.masked_fill(~ok, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return torch.nan_to_num(probs, nan=0.0)
+    return torch.softmax(logits, dim=-1)

@@ -48,3 +48,14 @@ def project_mask(mask: Tensor, grid: tuple[int, int], rule: str = "parts2whole")
     if rule == "area":
         return area_weights(mask, grid)
     raise ValueError(f"unknown mask rule {rule!r}; expected one of {MASK_RULES}")
+
+
+def region_allowed(regions: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Per-reference region masks [R, H, W] -> allowed [h*w, R] bool on a block grid.
+
+    A token may attend to reference r when any pixel of r's region falls in it (area coverage > 0): a region
+    never vanishes at the coarse blocks, at the price of at most one token of spill at its border.
+    """
+    if regions.ndim != 3:
+        raise ValueError(f"region masks must be [references, height, width], got shape {tuple(regions.shape)}")
+    return (area_weights(regions, grid) > 0).transpose(0, 1).contiguous()

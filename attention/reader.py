@@ -2,7 +2,7 @@
 
 Several layers can meet in one block (two chained patches, two banks): concat and strict references join one
 key set; a blend layer mixes that joint attention, with its own references added, against it by its ratio;
-dual layers add their own separate term. Chunks whose layers are all off run plain attention.
+dual layers add their own separate term (optionally confined per reference to a region of the target). Chunks whose layers are all off run plain attention.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .gating import COND, chunk_slices
-from .kernels import AttnFn, ProjectedReferences, blend_attention, dual_term, joint_attention
+from .kernels import AttnFn, ProjectedReferences, blend_attention, joint_attention, region_dual_term
 
 MODES: tuple[str, ...] = ("concat", "strict", "blend", "dual")
 # concat and blend keep the official "zeroed tokens still take softmax mass" semantics.
@@ -26,6 +26,7 @@ class ActiveLayer:
     refs: ProjectedReferences
     weight: float = 1.0  # blend ratio or dual lambda; concat/strict carry strength in refs.bias
     uncond: bool = False  # the uncond chunk sees these references too
+    allowed: Optional[Tensor] = None  # dual only: [tokens, references] bool, which references a query may see
 
 
 def compose(q: Tensor, k: Tensor, v: Tensor, heads: int, layers: Sequence[ActiveLayer], attn_fn: AttnFn) -> Tensor:
@@ -39,7 +40,7 @@ def compose(q: Tensor, k: Tensor, v: Tensor, heads: int, layers: Sequence[Active
             out = blend_attention(q, k, v, heads, layer.refs, layer.weight, attn_fn, base=out, base_refs=base_refs)
     for layer in layers:
         if layer.mode == "dual":
-            out = out + layer.weight * dual_term(q, heads, layer.refs, attn_fn)
+            out = out + layer.weight * region_dual_term(q, heads, layer.refs, layer.allowed, attn_fn)
     return out
 
 
@@ -56,6 +57,8 @@ def reference_attention(
     for layer in layers:
         if layer.mode not in MODES:
             raise ValueError(f"unknown injection mode {layer.mode!r}; expected one of {MODES}")
+        if layer.allowed is not None and layer.mode != "dual":
+            raise ValueError(f"region masks apply to the dual mode only, not to {layer.mode!r}")
     if not layers:
         return attn_fn(q, k, v, heads)
     slices = chunk_slices(cond_or_uncond, q.shape[0])

@@ -167,3 +167,15 @@ def test_bank_is_immutable():
     bank = _bank()
     with pytest.raises(dataclasses.FrozenInstanceError):
         bank.timing = "every step"
+
+
+def test_bank_projections_default_and_shared_on_deepcopy():
+    from humanref.attention.kernels import LinearWeights
+
+    assert _bank().projections is None  # training-free: the reader's own to_k/to_v
+    key = ("input", 1, 0)
+    wk, wv = LinearWeights(torch.eye(4)), LinearWeights(2 * torch.eye(4), torch.ones(4))
+    bank = _bank(projections={key: (wk, wv)})
+    assert copy.deepcopy({"b": bank})["b"].projections[key][0] is wk
+    x = torch.randn(3, 4)
+    assert torch.equal(bank.projections[key][1](x), 2 * x + 1)

@@ -351,3 +351,134 @@ def test_dual_term_with_strength():
     expected = naive_attention(q, proj(wk2, garments)[None].expand(b, -1, -1),
                                proj(wv2, garments)[None].expand(b, -1, -1), HEADS)
     torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
+
+
+# ------------------------------------------------------------------------ dual with per-garment region masks
+def naive_region_dual(q, garments, wk2, wv2, allowed):
+    """Per query, per head: softmax over the keys of the garments this query may see; 0 when it sees none.
+
+    ``garments``: list of token tensors [M_g, C]; ``allowed`` [Nq, G] bool. Written out query by query.
+    """
+    b, nq, c = q.shape
+    d = c // HEADS
+    keys = [proj(wk2, g) for g in garments]
+    values = [proj(wv2, g) for g in garments]
+    out = torch.zeros(b, nq, c, dtype=DT)
+    for bi in range(b):
+        for i in range(nq):
+            ks = [keys[g] for g in range(len(garments)) if allowed[i, g]]
+            vs = [values[g] for g in range(len(garments)) if allowed[i, g]]
+            if not ks or sum(k.shape[0] for k in ks) == 0:
+                continue
+            kk, vv = torch.cat(ks), torch.cat(vs)
+            for h in range(HEADS):
+                cols = slice(h * d, (h + 1) * d)
+                logits = (kk[:, cols] @ q[bi, i, cols].to(DT)) / math.sqrt(d)
+                p = torch.exp(logits - logits.max())
+                p = p / p.sum()
+                out[bi, i, cols] = p @ vv[:, cols]
+    return out
+
+
+def region_case(seed, sizes=(5, 7, 4), n_q=6, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, n_q, C, generator=g, dtype=DT)
+    garments = [torch.randn(m, C, generator=g, dtype=DT) for m in sizes]
+    wk2, wv2 = linear(seed + 1, True), linear(seed + 2, True)
+    with torch.no_grad():
+        refs = K.project_references(torch.cat(garments), 0, wk2, wv2)
+    refs = K.ProjectedReferences(refs.k, refs.v, refs.bias, tuple(sizes))
+    return q, garments, wk2, wv2, refs
+
+
+ALLOWED = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
+
+
+def test_region_dual_term_matches_naive_per_query_softmax():
+    q, garments, wk2, wv2, refs = region_case(61)
+    out = K.region_dual_term(q, HEADS, refs, ALLOWED, K.default_attn)
+    torch.testing.assert_close(out, naive_region_dual(q, garments, wk2, wv2, ALLOWED), rtol=0, atol=ATOL)
+    assert torch.equal(out[:, 3], torch.zeros_like(out[:, 3]))  # a query in no region sees no garment
+
+
+def test_region_dual_term_all_allowed_is_the_plain_dual_term_bit_for_bit():
+    q, garments, wk2, wv2, refs = region_case(62)
+    allowed = torch.ones(q.shape[1], 3, dtype=torch.bool)
+    assert torch.equal(K.region_dual_term(q, HEADS, refs, allowed, K.default_attn),
+                       K.dual_term(q, HEADS, refs, K.default_attn))
+    assert torch.equal(K.region_dual_term(q, HEADS, refs, None, K.default_attn),
+                       K.dual_term(q, HEADS, refs, K.default_attn))
+
+
+def test_region_dual_term_uses_attn_fn_and_keeps_the_bias():
+    q, garments, wk2, wv2, refs = region_case(63)
+    bias = torch.linspace(-1.0, 1.0, refs.length, dtype=DT)
+    biased = K.ProjectedReferences(refs.k, refs.v, bias, refs.segments)
+    out = K.region_dual_term(q, HEADS, biased, ALLOWED, naive_attn_fn)
+    # expected: the same per-query softmax with each key's mass multiplied by exp(bias)
+    b = q.shape[0]
+    expected = torch.zeros_like(q)
+    owners = torch.repeat_interleave(torch.arange(3), torch.tensor(refs.segments))
+    for i in range(q.shape[1]):
+        keys = [j for j in range(refs.length) if ALLOWED[i, owners[j]]]
+        if not keys:
+            continue
+        idx = torch.tensor(keys)
+        expected[:, i:i + 1] = naive_attention(q[:, i:i + 1], refs.k[:, idx].expand(b, -1, -1),
+                                               refs.v[:, idx].expand(b, -1, -1), HEADS, logit_bias=bias[idx])
+    torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
+
+
+def test_region_dual_term_garment_without_tokens_at_this_block():
+    q, garments, wk2, wv2, refs = region_case(64, sizes=(5, 0, 4))
+    out = K.region_dual_term(q, HEADS, refs, ALLOWED, K.default_attn)
+    torch.testing.assert_close(out, naive_region_dual(q, garments, wk2, wv2, ALLOWED), rtol=0, atol=ATOL)
+    assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))  # only garment 1 allowed, and it has no tokens
+
+
+def test_region_dual_term_bad_shapes():
+    q, _, _, _, refs = region_case(65)
+    with pytest.raises(ValueError, match="region pattern"):
+        K.region_dual_term(q, HEADS, refs, ALLOWED[:, :2], K.default_attn)
+    bad = K.ProjectedReferences(refs.k, refs.v, None, (1, 2))
+    with pytest.raises(ValueError, match="segments"):
+        K.region_dual_term(q, HEADS, bad, ALLOWED[:, :2], K.default_attn)
+
+
+def test_dual_attention_weights_match_naive_and_vanish_outside_regions():
+    q, garments, wk2, wv2, refs = region_case(66)
+    probs = K.dual_attention_weights(q, HEADS, refs, ALLOWED)
+    owners = torch.repeat_interleave(torch.arange(3), torch.tensor(refs.segments))
+    d = C // HEADS
+    kk = proj(wk2, torch.cat(garments))
+    for i in range(q.shape[1]):
+        ok = ALLOWED[i, owners]
+        # no mass on keys of garments outside this query's regions; rows sum to 1 where anything is allowed
+        assert torch.equal(probs[:, :, i, ~ok], torch.zeros_like(probs[:, :, i, ~ok]))
+        sums = probs[:, :, i].sum(-1)
+        torch.testing.assert_close(sums, torch.full_like(sums, 1.0 if ok.any() else 0.0), rtol=0, atol=ATOL)
+        if ok.any():
+            for h in range(HEADS):
+                cols = slice(h * d, (h + 1) * d)
+                logits = kk[ok][:, cols] @ q[0, i, cols] / math.sqrt(d)
+                expected = torch.softmax(logits, dim=0)
+                torch.testing.assert_close(probs[0, h, i, ok], expected, rtol=0, atol=ATOL)
+    # the kernel's output is exactly these weights times the values
+    vv = proj(wv2, torch.cat(garments))
+    split = vv.reshape(-1, HEADS, d).transpose(0, 1)  # [heads, M, d]
+    via_probs = (probs @ split).transpose(1, 2).reshape(q.shape)
+    torch.testing.assert_close(K.region_dual_term(q, HEADS, refs, ALLOWED, K.default_attn), via_probs,
+                               rtol=0, atol=ATOL)
+    unrestricted = K.dual_attention_weights(q, HEADS, refs)
+    torch.testing.assert_close(unrestricted.sum(-1), torch.ones_like(unrestricted.sum(-1)), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_weights_is_x_w_transposed_plus_b(bias):
+    lin = linear(70, bias)
+    w = K.LinearWeights(lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone())
+    x = torch.randn(2, 5, C, dtype=DT)
+    torch.testing.assert_close(w(x), proj(lin, x), rtol=0, atol=ATOL)
+    # stored in float16, used in the input's dtype
+    half = K.LinearWeights(w.weight.half(), None if w.bias is None else w.bias.half())
+    assert half(x.float()).dtype == torch.float32

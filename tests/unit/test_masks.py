@@ -189,3 +189,26 @@ def test_project_mask_rejects_2d_mask():
 def test_project_mask_rejects_unknown_rule():
     with pytest.raises(ValueError, match=r"unknown mask rule 'maxpool'.*parts2whole.*area"):
         M.project_mask(torch.ones(1, 16, 16), (4, 4), rule="maxpool")
+
+
+# --------------------------------------------------------------------------------------------- region masks
+def test_region_allowed_any_overlap_per_token():
+    """Hand-computed: an 8x8 mask on a 4x4 grid, each token covers 2x2 pixels."""
+    regions = torch.zeros(2, 8, 8)
+    regions[0, 0:3, 0:8] = 1.0  # rows 0-2: token rows 0 and 1 (row 1 only partly)
+    regions[1, 7, 7] = 1.0  # a single pixel: the bottom-right token
+    allowed = M.region_allowed(regions, (4, 4))
+    assert allowed.shape == (16, 2) and allowed.dtype == torch.bool
+    expected0 = torch.zeros(4, 4, dtype=torch.bool)
+    expected0[0:2] = True
+    expected1 = torch.zeros(4, 4, dtype=torch.bool)
+    expected1[3, 3] = True
+    assert torch.equal(allowed[:, 0], expected0.flatten())
+    assert torch.equal(allowed[:, 1], expected1.flatten())
+
+
+def test_region_allowed_odd_grid_and_bad_shape():
+    regions = torch.ones(1, 13, 7)
+    assert M.region_allowed(regions, (3, 5)).all()
+    with pytest.raises(ValueError, match="region masks"):
+        M.region_allowed(torch.ones(8, 8), (2, 2))

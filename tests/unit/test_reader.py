@@ -287,3 +287,39 @@ def test_end_to_end_bank_masks_to_reader():
     assert merged.dropped > 1
     torch.testing.assert_close(out[2:], blk.naive([official], [2, 3]), rtol=0, atol=ATOL)
     assert torch.equal(out[:2], blk.plain()[:2])
+
+
+# --------------------------------------------------------------------------------- dual with region patterns
+def test_dual_with_regions_confines_each_garment_and_gates_cfg():
+    layout = [1, 0]
+    blk = Block(4, seed=13)
+    g1 = Ref(25, m=6, weights=torch.ones(6, dtype=DT))
+    g2 = Ref(26, m=4, weights=torch.ones(4, dtype=DT))
+    wk2, wv2 = linear(205), linear(206)
+    with torch.no_grad():
+        refs = K.project_references(torch.cat([g1.feats, g2.feats]), 0, wk2, wv2)
+    refs = K.ProjectedReferences(refs.k, refs.v, refs.bias, (6, 4))
+    allowed = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0], [1, 0]], dtype=torch.bool)  # N_OWN = 5 queries
+    layer = R.ActiveLayer("dual", refs, weight=0.7, allowed=allowed)
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [layer], K.default_attn)
+    cond, uncond = _rows(layout, 0), _rows(layout, 1)
+    q = proj(blk.to_q, blk.x[cond])
+    expected = blk.naive([], cond)
+    for i in range(N_OWN):
+        sets = [g.feats for g, ok in zip((g1, g2), allowed[i]) if ok]
+        if not sets:
+            continue
+        f = torch.cat(sets)
+        k2 = proj(wk2, f)[None].expand(len(cond), -1, -1)
+        v2 = proj(wv2, f)[None].expand(len(cond), -1, -1)
+        expected[:, i:i + 1] += 0.7 * naive_attention(q[:, i:i + 1], k2, v2, HEADS)
+    torch.testing.assert_close(out[cond], expected, rtol=0, atol=ATOL)
+    assert torch.equal(out[uncond], blk.plain()[uncond])  # joint CFG: the uncond chunk sees no garments
+
+
+def test_regions_on_a_non_dual_layer_raise():
+    blk = Block(2, seed=14)
+    refs = Ref(27).project(blk)
+    layer = R.ActiveLayer("concat", refs, allowed=torch.ones(N_OWN, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="dual mode only"):
+        R.reference_attention(blk.q, blk.k, blk.v, HEADS, [0], [layer], K.default_attn)
