@@ -25,7 +25,8 @@ from ..attention.bank import (MAX_REFERENCES, CapturedTokens, MaskProjector, Ref
                               merge_captured)
 from ..attention.blocks import BlockInfo, BlockKey, block_label, describe_architecture, select_blocks, walk_transformer_blocks
 from ..attention.kernels import ProjectedReferences, project_references
-from ..attention.reader import DILUTING_MODES, ActiveLayer, reference_attention
+from ..attention.masks import region_allowed
+from ..attention.reader import DILUTING_MODES, MODES, ActiveLayer, reference_attention
 from .images import PreparedReference
 from .writer import WriterInputs, encode_images, group_references, label_conds, progress_bar, run_writer
 
@@ -95,6 +96,7 @@ class ReferenceLayer:
     end_percent: float
     uncond: bool
     paths: dict = field(default_factory=dict)  # BlockKey -> module path, in the UNet's execution order
+    regions: Optional[Tensor] = None  # dual: one target-region mask [R, H, W] per reference of the bank
 
     def __deepcopy__(self, memo: dict) -> "ReferenceLayer":
         return self
@@ -119,6 +121,7 @@ class RunState:
         self.features: Optional[dict[BlockKey, tuple[CapturedTokens, ...]]] = None
         self.writer_sigma: Optional[float] = None
         self.projected: dict[BlockKey, Optional[ProjectedReferences]] = {}
+        self.allowed: dict[tuple[int, int], Tensor] = {}
         self.writer_passes = 0
 
     def begin_call(self, unet: torch.nn.Module, transformer_options: dict) -> None:
@@ -153,10 +156,28 @@ class RunState:
             attn1 = self.unet.get_submodule(self.layer.paths[key]).attn1
             layer = self.layer
             strength = layer.strength if layer.mode in ("concat", "strict") else 1.0
-            refs = project_references(tokens, dropped, attn1.to_k, attn1.to_v, strength=strength,
-                                      dilute=layer.mode in DILUTING_MODES)
+            to_k, to_v = attn1.to_k, attn1.to_v
+            if layer.mode == "dual" and layer.bank.projections is not None and key in layer.bank.projections:
+                to_k, to_v = layer.bank.projections[key]  # trained W'_k, W'_v
+            if layer.mode == "dual" and layer.strength == 0:
+                refs = None  # lambda = 0: exactly the frozen self-attention
+            else:
+                refs = project_references(tokens, dropped, to_k, to_v, strength=strength,
+                                          dilute=layer.mode in DILUTING_MODES)
+            if refs is not None and layer.mode == "dual":
+                segments = tuple(int(e.tokens.shape[0]) for e in entries)
+                refs = ProjectedReferences(refs.k, refs.v, refs.bias, segments)
         self.projected[key] = refs
         return refs
+
+    def allowed_for(self, grid: tuple[int, int], like: Tensor) -> Optional[Tensor]:
+        """Which references each target token may attend to on this grid (dual region masks), or None."""
+        regions = self.layer.regions
+        if regions is None:
+            return None
+        if grid not in self.allowed:
+            self.allowed[grid] = region_allowed(regions, grid).to(like.device)
+        return self.allowed[grid]
 
 
 def _host_attention(extra_options: dict):
@@ -185,15 +206,16 @@ class ReferenceAttnReplace:
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
         runs = extra_options.get(RUNS_KEY) or {}
         active: list[ActiveLayer] = []
+        h, w = extra_options["activations_shape"][-2:]
         for layer in self.layers:
             state: Optional[RunState] = runs.get(layer.uid)
             if state is None or not state.call_active:
                 continue
             refs = state.refs_for(self.key, q)
             if refs is not None:
-                active.append(ActiveLayer(layer.mode, refs, layer.weight, layer.uncond))
+                allowed = state.allowed_for((int(h), int(w)), q) if q.shape[1] == h * w else None
+                active.append(ActiveLayer(layer.mode, refs, layer.weight, layer.uncond, allowed))
         if active:
-            h, w = extra_options["activations_shape"][-2:]
             if q.shape[1] != h * w:
                 raise RuntimeError(
                     f"HumanRef: block {block_label(self.key)} got {q.shape[1]} query tokens for a {h}x{w} grid. "
@@ -247,6 +269,28 @@ def check_compatible(bank: ReferenceBank, blocks: Sequence[BlockInfo], model_des
             "of the same architecture (for training-free use, the same checkpoint).")
 
 
+def check_regions(regions: Optional[Tensor], bank: ReferenceBank, mode: str) -> Optional[Tensor]:
+    """Region masks [R, H, W] (float, CPU), one per reference of the bank, or a clear error naming them."""
+    if regions is None:
+        return None
+    if mode != "dual":
+        raise ValueError(f"region_masks apply to mode 'dual' only (got mode {mode!r}); disconnect them or use dual")
+    if regions.ndim == 2:
+        regions = regions.unsqueeze(0)
+    names = ", ".join(f"{i + 1}: {r.label}" for i, r in enumerate(bank.references))
+    if regions.ndim != 3:
+        raise ValueError(f"region_masks must be a MASK [count, height, width], got shape {tuple(regions.shape)}")
+    if regions.shape[0] != len(bank.references):
+        raise ValueError(f"region_masks has {regions.shape[0]} masks but the bank has {len(bank.references)} "
+                         f"references ({names}): give one region per reference, in that order")
+    regions = regions.detach().float().cpu().clamp(0.0, 1.0)
+    for i in range(regions.shape[0]):
+        if float(regions[i].max()) <= 0.0:
+            raise ValueError(f"region_masks item {i + 1} ({bank.references[i].label}) is empty: that reference "
+                             "would be nowhere; give an all-ones mask to let it go anywhere")
+    return regions
+
+
 def apply_reference_patch(
     model: Any,
     bank: ReferenceBank,
@@ -257,8 +301,16 @@ def apply_reference_patch(
     block_set: str = "all",
     custom_blocks: str = "",
     uncond: bool = False,
+    regions: Optional[Tensor] = None,
 ) -> Any:
-    """A patched clone of ``model``; the input model is never modified."""
+    """A patched clone of ``model``; the input model is never modified.
+
+    ``regions`` (dual mode only): one target-region mask per reference of the bank, [R, H, W] in 0..1 at any
+    resolution (scaled to each block's grid): target tokens outside reference r's region do not attend to r.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    regions = check_regions(regions, bank, mode)
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise ValueError(f"start_percent ({start_percent}) must be <= end_percent ({end_percent}), both in 0..1")
     if strength < 0:
@@ -270,7 +322,7 @@ def apply_reference_patch(
     uid = f"humanref_ref_{uuid.uuid4().hex[:12]}"
     chosen_keys = {b.key for b in chosen}
     layer = ReferenceLayer(uid, bank, mode, float(strength), float(start_percent), float(end_percent), bool(uncond),
-                           {b.key: b.path for b in all_blocks if b.key in chosen_keys})
+                           {b.key: b.path for b in all_blocks if b.key in chosen_keys}, regions)
     replaces = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
     for b in chosen:
         existing = replaces.get(b.key)
