@@ -41,6 +41,9 @@ class WriterInputs:
     count: int
     seed: int = 0
     noise: list = field(default_factory=list, repr=False)
+    # True: the writer sees the clean latents at the current timestep (MimicBrush's reference UNet), instead
+    # of latents noised to sigma with the fixed noise (reference-only).
+    clean: bool = False
 
     def __deepcopy__(self, memo: dict) -> "WriterInputs":
         return self
@@ -116,6 +119,8 @@ def run_writer(
 ) -> dict[BlockKey, tuple[CapturedTokens, ...]]:
     """One writer forward per group at ``sigma`` (0 = clean latents at t = 0); features per block per ref.
 
+    Above 0 the latents are noised to sigma, or, with ``writer.clean``, passed clean at sigma's timestep.
+
     ``keys``: the blocks to capture in execution order (the forward stops after the last one); None = all,
     found by walking the model, which per-step callers avoid by passing their ordered keys.
     """
@@ -131,7 +136,13 @@ def run_writer(
     for gi, group in enumerate(writer.groups):
         comfy.model_management.throw_exception_if_processing_interrupted()
         latents = group.latents.to(device)
-        if sigma > 0:
+        if sigma > 0 and writer.clean:
+            # apply_model divides its input by the model's input scale at sigma: pre-multiply so the UNet sees
+            # the clean latents themselves, with the timestep of sigma
+            ones = torch.ones((1,) * latents.ndim, device=device, dtype=latents.dtype)
+            scale = model.model_sampling.calculate_input(torch.tensor([sigma], device=device), ones)
+            x = latents / scale
+        elif sigma > 0:
             noise = writer.noise_for(gi, device, latents.dtype)
             x = model.model_sampling.noise_scaling(torch.tensor([sigma], device=device), noise, latents)
         else:

@@ -128,3 +128,35 @@ def test_writer_stops_after_the_last_block_it_needs(tiny_model, writer_setup):
             h.remove()
     assert set(feats) == {blocks[0].key}
     assert ran == [blocks[0].key]  # no later block ran
+
+
+def test_clean_option_feeds_the_unmodified_latents_at_the_current_timestep(tiny_model, writer_setup):
+    """MimicBrush: the UNet's input is exactly the clean latents while its timestep is sigma's (hooks observe
+    conv_in's input and the timestep embedding's input independently of the writer code)."""
+    latents, conds, _ = writer_setup
+    inputs = WriterInputs(tiny_model, group_references(latents[:1], conds[:1]), MaskProjector([None], "area"), 1,
+                          seed=11, clean=True)
+    sigma = 3.5
+    unet = tiny_model.model.diffusion_model
+    seen = {}
+    handles = [unet.input_blocks[0][0].register_forward_hook(lambda m, i, o: seen.__setitem__("x", i[0].clone())),
+               unet.time_embed[0].register_forward_hook(lambda m, i, o: seen.__setitem__("emb", i[0].clone()))]
+    try:
+        feats = run_writer(inputs, sigma)
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(seen["x"], latents[0], rtol=1e-6, atol=1e-6)
+    expected_t = tiny_model.model.model_sampling.timestep(torch.tensor([sigma])).float()
+    with torch.no_grad():
+        from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
+        emb = timestep_embedding(expected_t, unet.model_channels)
+    torch.testing.assert_close(seen["emb"], emb, rtol=1e-6, atol=1e-6)
+    assert 0 < float(expected_t) < 999
+    # the same features as an un-hooked forward of the clean latents with sigma's scaling undone
+    scaled = latents[0] * math.sqrt(sigma ** 2 + 1.0)
+    ref = hooked_norm1(tiny_model.model, scaled, sigma, conds[0])
+    for key, entries in feats.items():
+        torch.testing.assert_close(entries[0].tokens, ref[key][0], rtol=1e-5, atol=1e-5)
+    noised = run_writer(WriterInputs(tiny_model, inputs.groups, inputs.projector, 1, seed=11), sigma)
+    assert any(not torch.allclose(noised[k][0].tokens, feats[k][0].tokens) for k in feats)  # default unchanged
