@@ -213,9 +213,7 @@ def load_garment_weights(path: str) -> GarmentWeights:
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata()
             sd = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, RuntimeError, ValueError) as e:
-        if isinstance(e, ValueError) and str(e).startswith("garment_weights"):
-            raise
+    except Exception as e:  # safetensors raises its own SafetensorError for a damaged header
         raise ValueError(f"garment_weights {name} cannot be read as safetensors ({e}); is the file complete?") from e
     return parse_garment_weights(sd, metadata, name)
 
