@@ -16,9 +16,9 @@ from .synthetic import TinyModel, random_like, sd15_unet_config, unet_shapes
 
 TINY_MIMICBRUSH = "humanref-tiny-mimicbrush.bin"
 TINY_CLIP_VISION = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "patch_size": 14,
-                    "image_size": 224, "projection_dim": 32, "num_attention_heads": 1}
+                    "image_size": 224, "projection_dim": 32, "num_attention_heads": 1, "hidden_act": "gelu"}
 VIT_H = {"hidden_size": 1280, "num_hidden_layers": 32, "intermediate_size": 5120, "patch_size": 14,
-         "image_size": 224, "projection_dim": 1024, "num_attention_heads": 16}
+         "image_size": 224, "projection_dim": 1024, "num_attention_heads": 16, "hidden_act": "gelu"}
 
 
 def tiny_unet_config(in_channels: int = 4) -> dict:
