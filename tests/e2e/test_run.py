@@ -41,13 +41,16 @@ def reachable(url: str) -> bool:
         return False
 
 
-def test_template_browser_lists_the_ui_workflow(client):
-    """ComfyUI's template browser finds workflows/*.json of the installed pack (not workflows/api/)."""
+def test_template_browser_lists_the_ui_workflows(client):
+    """ComfyUI's template browser finds every workflows/*.json of the installed pack (not workflows/api/)."""
     templates = client.get_json("/workflow_templates")
-    assert templates.get("humanref") == ["reference_portrait"]
-    served = client.get_json("/api/workflow_templates/humanref/reference_portrait.json")
-    with open(UI_WORKFLOW, encoding="utf-8") as f:
-        assert served == json.load(f)
+    expected = sorted(p.stem for p in UI_WORKFLOW.parent.glob("*.json"))
+    assert "reference_portrait" in expected
+    assert sorted(templates.get("humanref", [])) == expected
+    for name in expected:
+        served = client.get_json(f"/api/workflow_templates/humanref/{name}.json")
+        with open(UI_WORKFLOW.parent / f"{name}.json", encoding="utf-8") as f:
+            assert served == json.load(f), name
 
 
 def test_api_workflow_over_http(server_url, tmp_path):
