@@ -32,6 +32,10 @@ HumanRef command line.
   python -m humanref render WORKFLOW.json PICTURE.png [--scale S]
       Draw a UI-format workflow (nodes, widget values, links) to a PNG, as in the README.
 
+  python -m humanref convert-hand-generator UNET MASK_HEAD OUT.safetensors [--mask-activation clamp|sigmoid]
+      Convert a diffusers fine-tuned hand-generator UNet (15-channel conv_in) and its mask-head weights into
+      the layout HandGeneratorLoader reads (models/hand_generator/).
+
 Run `python -m humanref COMMAND --help` for every option.
 """
 
@@ -107,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("workflow", help="UI-format workflow JSON")
     render.add_argument("png", help="where to write the picture")
     render.add_argument("--scale", type=float, default=0.8, help="picture scale (default 0.8)")
+    convert = sub.add_parser("convert-hand-generator", add_help=False,
+                             help="convert a diffusers hand-generator UNet + mask head into HumanRef's layout")
+    convert.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
@@ -201,6 +208,11 @@ def cmd_tiny_models(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["convert-hand-generator"]:  # its own parser (options may come first, e.g. --help)
+        from ..pipelines.hand_weights import main as convert_main
+
+        return convert_main(argv[1:], prog="python -m humanref convert-hand-generator")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

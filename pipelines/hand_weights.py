@@ -264,12 +264,12 @@ def _read(path: str) -> dict[str, Tensor]:
     return sd.get("state_dict", sd)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, prog: str = "python -m humanref.pipelines.hand_weights") -> int:
     """``python -m humanref.pipelines.hand_weights UNET MASK_HEAD OUT.safetensors --comfyui PATH``."""
     import argparse
     import os
 
-    parser = argparse.ArgumentParser(prog="python -m humanref.pipelines.hand_weights",
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Convert a diffusers fine-tuned hand-generator UNet (15-channel "
                                                  "conv_in) and its mask-head weights into HumanRef's layout.")
     parser.add_argument("unet", help="diffusion_pytorch_model.safetensors of the fine-tuned UNet (diffusers)")

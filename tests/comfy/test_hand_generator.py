@@ -121,7 +121,7 @@ def test_layout_errors(tmp_path, comfy_env):
         load_hand_generator(str(bad))
 
 
-def test_converter_from_diffusers_round_trips(comfy_env):
+def test_converter_from_diffusers_round_trips(comfy_env, tmp_path):
     import comfy.utils
 
     from humanref.pipelines.hand_weights import (MaskHead, convert_diffusers, head_state_dict,
@@ -145,21 +145,22 @@ def test_converter_from_diffusers_round_trips(comfy_env):
         bad = dict(diffusers_sd, **{"conv_in.weight": torch.zeros(32, 4, 3, 3)})
         convert_diffusers(bad, head_sd)
 
+    # the same conversion from files, through `python -m humanref convert-hand-generator`
+    from safetensors.torch import load_file, save_file
 
-@pytest.fixture(scope="module")
-def controlnet(comfy_env):
-    import comfy.cldm.cldm
-    import comfy.controlnet
-    import comfy.ops
-    from humanref.pipelines.synthetic import controlnet_state_dict, sd15_unet_config
+    from comfyenv import COMFYUI_PATH
+    from humanref.cli import main as cli_main
 
-    cfg = sd15_unet_config(model_channels=32, channel_mult=(1, 2))
-    sd = controlnet_state_dict(cfg, seed=5, dtype=torch.float32)
-    cfg = {k: v for k, v in cfg.items()
-           if k not in ("transformer_depth_output", "use_temporal_attention", "use_temporal_resblock", "out_channels")}
-    control = comfy.cldm.cldm.ControlNet(hint_channels=3, device="cpu", operations=comfy.ops.disable_weight_init, **cfg)
-    control.load_state_dict({k.removeprefix("control_model."): v for k, v in sd.items()})
-    return comfy.controlnet.ControlNet(control, load_device=torch.device("cpu"))
+    save_file({k: v.contiguous() for k, v in diffusers_sd.items()}, tmp_path / "unet.safetensors")
+    torch.save(head_sd, tmp_path / "head.pt")
+    out = tmp_path / "hand.safetensors"
+    argv = ["convert-hand-generator", str(tmp_path / "unet.safetensors"), str(tmp_path / "head.pt"), str(out),
+            "--comfyui", COMFYUI_PATH]
+    assert cli_main(argv) == 0
+    written = load_file(out)
+    assert set(written) == set(sd) and all(torch.equal(written[k], sd[k]) for k in sd)
+    with pytest.raises(SystemExit):  # an existing output is never overwritten
+        cli_main(argv)
 
 
 def test_training_free_backend_and_canvas(tiny_model, clip_vae, conds, controlnet):

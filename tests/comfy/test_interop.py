@@ -13,25 +13,6 @@ from test_reference import LATENT, make_bank  # noqa: E402
 from humanref.pipelines.reference import apply_reference_patch  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def controlnet(comfy_env):
-    """A tiny ControlNet of the tiny UNet's layout with random weights, through comfy.controlnet.ControlNet."""
-    import comfy.cldm.cldm
-    import comfy.controlnet
-    import comfy.ops
-    from humanref.pipelines.synthetic import controlnet_state_dict, sd15_unet_config
-
-    # ComfyUI detects a ControlNet's config only for real channel counts, so the 32-channel one is built directly
-    cfg = sd15_unet_config(model_channels=32, channel_mult=(1, 2))
-    sd = controlnet_state_dict(cfg, seed=5, dtype=torch.float32)
-    cfg = {k: v for k, v in cfg.items()
-           if k not in ("transformer_depth_output", "use_temporal_attention", "use_temporal_resblock", "out_channels")}
-    control = comfy.cldm.cldm.ControlNet(hint_channels=3, device="cpu", operations=comfy.ops.disable_weight_init, **cfg)
-    control.load_state_dict({k.removeprefix("control_model."): v for k, v in sd.items()})
-    # like an SD1.5 ControlNet: the hint is a pixel image that its own input_hint_block brings to the latent grid
-    return comfy.controlnet.ControlNet(control, load_device=torch.device("cpu"))
-
-
 def test_tiny_controlnet_file_loads_through_comfy(comfy_env):
     """The tiny-models ControlNet (control_model.* layout, 320 channels) is detected and loaded by ComfyUI."""
     import comfy.controlnet
