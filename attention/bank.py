@@ -92,6 +92,8 @@ class ReferenceBank:
     # trained key/value projections (W'_k, W'_v) per block for the dual mode (AnyDressing); None = the
     # reader's own to_k/to_v (training-free)
     projections: Optional[Mapping[BlockKey, tuple[LinearWeights, LinearWeights]]] = field(default=None, repr=False)
+    # default target regions for the dual mode, [R, H, W] in 0..1, one per reference (all ones = anywhere)
+    regions: Optional[Tensor] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.timing not in TIMINGS:

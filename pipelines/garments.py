@@ -107,6 +107,36 @@ def prepare_garments(
     return out
 
 
+def garment_regions(regions: Sequence[tuple[int, Optional[Tensor]]], garments: Sequence[Garment]) -> Optional[Tensor]:
+    """Target regions (input number, MASK or None) -> [G, H, W] in garment order, all ones where none is given.
+
+    Regions are scale-free (projected on each block's grid at sampling), so they are brought to the first
+    region's size; None when no region is connected.
+    """
+    given = {number: mask for number, mask in regions if mask is not None}
+    if not given:
+        return None
+    numbers = {g.number for g in garments}
+    for number, mask in given.items():
+        if number not in numbers:
+            raise ValueError(f"region_{number} is connected but garment_{number} is not")
+        if mask.ndim == 3 and mask.shape[0] == 1:
+            mask = mask[0]
+        if mask.ndim != 2:
+            raise ValueError(f"region_{number} must be one MASK [1, height, width], got shape {tuple(mask.shape)}")
+        if float(mask.max()) <= 0.0:
+            raise ValueError(f"region_{number} is empty (all zero): garment_{number} would be nowhere; disconnect "
+                             "it to let the garment go anywhere")
+        given[number] = mask.float()
+    first = next(iter(given.values()))
+    size = (int(first.shape[0]), int(first.shape[1]))
+    out = []
+    for g in garments:
+        mask = given.get(g.number)
+        out.append(torch.ones(size) if mask is None else resize_mask(mask.unsqueeze(0), size)[0])
+    return torch.stack(out).clamp(0.0, 1.0)
+
+
 def _no_cross_attention(n: Tensor, extra_options: dict) -> Tensor:
     """attn2 output patch: GarmentsNet has no cross-attention, so its residual contribution is zero."""
     return torch.zeros_like(n)
@@ -187,8 +217,12 @@ def _empty_conds(model: Any, count: int, device: torch.device) -> dict[str, Tens
 
 
 def build_garment_bank(writer: Any, vae: Any, garments: Sequence[Garment],
-                       weights: Optional[GarmentWeights] = None) -> ReferenceBank:
-    """Run GarmentsNet once at t = 0 and keep each garment's features per block (the engine's bank)."""
+                       weights: Optional[GarmentWeights] = None, regions: Optional[Tensor] = None) -> ReferenceBank:
+    """Run GarmentsNet once at t = 0 and keep each garment's features per block (the engine's bank).
+
+    ``regions`` [G, H, W]: each garment's region on the target (see :func:`garment_regions`), kept in the
+    bank as the dual mode's default.
+    """
     model = writer.model
     blocks = walk_transformer_blocks(model.diffusion_model)
     family = model_family(writer)
@@ -218,4 +252,4 @@ def build_garment_bank(writer: Any, vae: Any, garments: Sequence[Garment],
     if weights is not None:
         projections = {b.key: weights.dressing[b.path] for b in blocks}
     return ReferenceBank(infos, {b.key: b.channels for b in blocks}, "once at t=0", MASK_RULE, features=features,
-                         family=family, projections=projections)
+                         family=family, projections=projections, regions=regions)

@@ -307,9 +307,12 @@ def apply_reference_patch(
 
     ``regions`` (dual mode only): one target-region mask per reference of the bank, [R, H, W] in 0..1 at any
     resolution (scaled to each block's grid): target tokens outside reference r's region do not attend to r.
+    None: the bank's own regions, if it has any.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if regions is None and mode == "dual":
+        regions = bank.regions  # the garments' own regions, given to the garment extractor
     regions = check_regions(regions, bank, mode)
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise ValueError(f"start_percent ({start_percent}) must be <= end_percent ({end_percent}), both in 0..1")
