@@ -386,3 +386,39 @@ def load_release(folder: str, dtype: Optional[torch.dtype] = None) -> LoadedRele
     if ref.filled:
         log.info("HumanRef: Parts2Whole reference_unet: %d tensors stripped by design, zero filled", len(ref.filled))
     return LoadedRelease(model, writer, encoder, release, ref.filled)
+
+
+# ----------------------------------------------------------------------------------------------- model folder
+FOLDER = "parts2whole"
+
+
+def list_releases() -> list[str]:
+    """Release folders under every models/parts2whole/ path (a folder counts when it has unet/config.json)."""
+    import folder_paths
+
+    if FOLDER not in folder_paths.folder_names_and_paths:
+        return []
+    names = set()
+    for base in folder_paths.get_folder_paths(FOLDER):
+        if os.path.isdir(base):
+            for entry in os.listdir(base):
+                if os.path.isfile(os.path.join(base, entry, "unet", "config.json")):
+                    names.add(entry)
+    return sorted(names)
+
+
+def release_path(name: str) -> str:
+    import folder_paths
+
+    if FOLDER not in folder_paths.folder_names_and_paths:
+        raise ValueError(f"the model folder '{FOLDER}' is not registered (is the HumanRef pack loaded?)")
+    bases = folder_paths.get_folder_paths(FOLDER)
+    if not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        raise ValueError(f"release must be a folder name under models/{FOLDER}/, got {name!r}")
+    for base in bases:
+        path = os.path.join(base, name)
+        if os.path.isdir(path):
+            return path
+    raise ValueError(f"release {name!r} not found in {', '.join(bases)}: put the Parts2Whole folders (unet/, "
+                     f"reference_unet/, pose_guider/, image_encoder/, feature_extractor/, {DECOUPLED_FILE}) in "
+                     f"models/{FOLDER}/{name or '<name>'}/")
