@@ -268,3 +268,18 @@ def _img(h=64, w=48, c=3, b=1):
 def test_bad_garment_inputs_name_the_input(inputs, message):
     with pytest.raises(ValueError, match=message):
         prepare_garments(inputs, 768)
+
+
+def test_training_free_on_an_sdxl_writer_and_reader(comfy_env, clip_vae):
+    """No cross-attention and no text: the SDXL writer gets a zero ADM vector; the dual patch then runs."""
+    from humanref.pipelines.synthetic import build_model, sdxl_unet_config
+
+    sdxl = build_model(sdxl_unet_config(), seed=2, arch="sdxl")
+    bank = build_garment_bank(sdxl, clip_vae[1], garments(garment_images(2, seed=6), ["upper", "lower"]))
+    assert bank.family == "SDXL" and len(bank.features) == len(walk_transformer_blocks(sdxl.model.diffusion_model))
+    g = torch.Generator().manual_seed(0)
+    sdxl_conds = tuple([[torch.randn(1, 3, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]]
+                       for _ in range(2))
+    plain = ksample(sdxl, sdxl_conds, LATENT, steps=2)
+    out = ksample(apply_reference_patch(sdxl, bank, mode="dual", strength=0.7), sdxl_conds, LATENT, steps=2)
+    assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-3
