@@ -206,16 +206,19 @@ class ReferenceAttnReplace:
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
         runs = extra_options.get(RUNS_KEY) or {}
         active: list[ActiveLayer] = []
-        h, w = extra_options["activations_shape"][-2:]
         for layer in self.layers:
             state: Optional[RunState] = runs.get(layer.uid)
             if state is None or not state.call_active:
                 continue
             refs = state.refs_for(self.key, q)
             if refs is not None:
-                allowed = state.allowed_for((int(h), int(w)), q) if q.shape[1] == h * w else None
+                allowed = None
+                if layer.regions is not None:
+                    h, w = extra_options["activations_shape"][-2:]
+                    allowed = state.allowed_for((int(h), int(w)), q) if q.shape[1] == h * w else None
                 active.append(ActiveLayer(layer.mode, refs, layer.weight, layer.uncond, allowed))
         if active:
+            h, w = extra_options["activations_shape"][-2:]
             if q.shape[1] != h * w:
                 raise RuntimeError(
                     f"HumanRef: block {block_label(self.key)} got {q.shape[1]} query tokens for a {h}x{w} grid. "
