@@ -27,9 +27,9 @@ class HandCanvas(io.ComfyNode):
                                tooltip="Mask values at or below this are background."),
             ],
             outputs=[
-                io.Image.Output(display_name="canvas"),
-                io.Mask.Output(display_name="keep_mask"),
-                io.Image.Output(display_name="pose_image"),
+                io.Image.Output("canvas", display_name="canvas"),
+                io.Mask.Output("keep_mask", display_name="keep_mask"),
+                io.Image.Output("pose_image", display_name="pose_image"),
             ],
         )
 

@@ -32,7 +32,7 @@ class HandGeneratorLoader(io.ComfyNode):
             description="Loads a trained hand generator (15-channel SD1.5 UNet + mask head, HumanRef's safetensors "
                         "layout) from models/hand_generator/.",
             inputs=[io.Combo.Input("hand_generator_name", options=_hand_generator_files())],
-            outputs=[HandGeneratorType.Output(display_name="hand_generator")],
+            outputs=[HandGeneratorType.Output("hand_generator", display_name="hand_generator")],
         )
 
     @classmethod
@@ -101,10 +101,10 @@ class HandGenerator(io.ComfyNode):
                 io.Int.Input("height", default=0, min=0, max=16384),
             ],
             outputs=[
-                io.Image.Output(display_name="hand_images"),
-                io.Mask.Output(display_name="hand_masks"),
-                HandCropsType.Output(display_name="hand_crops"),
-                io.Image.Output(display_name="hand_pose"),
+                io.Image.Output("hand_images", display_name="hand_images"),
+                io.Mask.Output("hand_masks", display_name="hand_masks"),
+                HandCropsType.Output("hand_crops", display_name="hand_crops"),
+                io.Image.Output("hand_pose", display_name="hand_pose"),
             ],
         )
 

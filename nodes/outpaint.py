@@ -41,7 +41,7 @@ class SequentialMaskExpandOutpaint(io.ComfyNode):
                 io.Int.Input("unmasked_last_steps", default=2, min=0, max=200,
                              tooltip="Final steps run on the whole latent (the paper: 2)."),
             ],
-            outputs=[io.Image.Output(display_name="image"), io.Latent.Output(display_name="latent")],
+            outputs=[io.Image.Output("image", display_name="image"), io.Latent.Output("latent", display_name="latent")],
         )
 
     @classmethod
