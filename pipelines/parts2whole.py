@@ -295,8 +295,9 @@ def apply_parts2whole(
         refs = [replace(r, label=first) for r in refs]
         positive = label_conditioning(clip, first)
         log.info("HumanRef: Parts2Whole 'as released': every part and the prompt use the label %r", first)
-    bank = build_reference_bank(reference_unet, vae, clip, refs, "once at t=0", "parts2whole")
-    patched = apply_reference_patch(model, bank, "concat", 1.0, 0.0, 1.0, "all", "", False)
+    bank = build_reference_bank(reference_unet, vae, clip, refs, timing="once at t=0", mask_rule="parts2whole")
+    patched = apply_reference_patch(model, bank, mode="concat", strength=1.0, start_percent=0.0, end_percent=1.0,
+                                    block_set="all", custom_blocks="", uncond=False)
     tokens = encode_image_tokens(clip_vision, [p.clip_image for p in prepared])
     if tokens.shape[1] != release.image_dim:
         raise ValueError(f"clip_vision gives {tokens.shape[1]}-d image embeddings; the release's decoupled "

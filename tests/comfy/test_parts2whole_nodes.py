@@ -186,3 +186,37 @@ def test_pose_resizing(caplog):
     with caplog.at_level(logging.WARNING, logger="humanref"):
         other = patch(torch.zeros(1, 32, 4, 4), {"block": ("input", 0)})
     assert other.shape == (1, 32, 4, 4) and "resizing the pose" in caplog.text
+
+
+def test_an_earlier_attn2_replace_is_kept(loaded):
+    """An attn2 replace set before (IP-Adapter style) gives the text part; the image term is added to it."""
+    from humanref.attention.decoupled import decoupled_cross_attention, pad_image_tokens, project_image_tokens
+    from humanref.pipelines.parts2whole import DecoupledAttn2Replace, apply_decoupled
+
+    model, _, _, release = loaded
+    calls = []
+
+    def earlier(q, k, v, extra_options):
+        calls.append(q.shape)
+        return torch.full_like(q, 0.5)
+
+    clone = model.clone()
+    clone.set_model_attn2_replace(earlier, "middle", 0, 0)
+    tokens = torch.randn(2, release.image_dim)
+    apply_decoupled(clone, release, tokens)
+    patch = clone.model_options["transformer_options"]["patches_replace"]["attn2"][("middle", 0, 0)]
+    assert isinstance(patch, DecoupledAttn2Replace) and patch.inner is earlier
+    q = torch.randn(2, 4, 64)
+    extra = {"n_heads": 8, "cond_or_uncond": [1, 0], "attn_precision": None}
+    out = patch(q, torch.randn(2, 77, 64), torch.randn(2, 77, 64), extra)
+    wk, wv = release.decoupled[("middle", 0, 0)]
+
+    def sdpa(q, k, v, heads):
+        b, n, c = q.shape
+        q, k, v = (t.reshape(b, -1, heads, c // heads).transpose(1, 2) for t in (q, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+
+    expect = decoupled_cross_attention(q, torch.full_like(q, 0.5),
+                                       project_image_tokens(pad_image_tokens(tokens), wk, wv), 8, [1, 0], sdpa)
+    assert calls and torch.allclose(out, expect, atol=1e-5)
+    assert torch.equal(out[0], torch.full_like(q[0], 0.5))  # the negative pass: the earlier result only

@@ -23,6 +23,13 @@ try:  # a broken torchaudio (CUDA build on a CPU box) must not stop transformers
     import torchaudio  # noqa: F401
 except Exception:  # noqa: BLE001
     sys.modules["torchaudio"] = None
+    try:
+        import transformers.utils
+        import transformers.utils.import_utils as _iu
+
+        _iu.is_torchaudio_available = transformers.utils.is_torchaudio_available = lambda: False
+    except Exception:  # noqa: BLE001
+        pass
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
