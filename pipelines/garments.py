@@ -19,14 +19,13 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_management
 
 from ..attention.bank import ReferenceBank, ReferenceInfo, MaskProjector
 from ..attention.blocks import BlockInfo, block_label, walk_transformer_blocks
 from .garment_weights import GarmentWeights, SlotLoRA
 from .images import resize_image, resize_mask, writer_size
-from .reference import model_family
+from .reference import host_attention, model_family
 from .writer import WriterGroup, WriterInputs, encode_images, progress_bar, run_writer
 
 log = logging.getLogger("humanref")
@@ -182,9 +181,7 @@ class GarmentLoRAReplace:
         for t, src, d, u in zip((q, k, v), stash, downs, ups):
             delta = torch.bmm(torch.bmm(src.to(q.dtype), d.transpose(1, 2)), u.transpose(1, 2))
             out.append(t + self.scale * delta)
-        precision = extra_options.get("attn_precision")
-        return comfy_attention.optimized_attention(out[0], out[1], out[2], extra_options["n_heads"],
-                                                   attn_precision=precision, transformer_options=extra_options)
+        return host_attention(extra_options)(out[0], out[1], out[2], extra_options["n_heads"])
 
 
 def garment_writer(writer: Any, blocks: Sequence[BlockInfo], rows: Optional[Sequence[str]],

@@ -33,7 +33,7 @@ import comfy.sd
 import comfy.utils
 
 from .depth_guider import DepthGuider, depth_guider_from_state_dict
-from .synthetic import unet_shapes
+from .diffusers_unet import convert_unet_state_dict
 
 log = logging.getLogger("humanref")
 
@@ -119,27 +119,6 @@ def diffusers_unet_config(sd: Mapping[str, Tensor], part: str, num_heads: int = 
     }
 
 
-def stripped_writer_keys(config: dict) -> tuple[tuple[str, ...], str]:
-    """Diffusers-name prefixes the official ReferenceNet lacks, and the stripped block's prefix.
-
-    ``conv_norm_out``/``conv_out`` are gone, and the last up-block transformer keeps only norm1 (its attn1
-    q/k/v/out and proj_out are identities, norm2/attn2/norm3/ff removed): only its norm1 output is ever read.
-    """
-    levels = len(config["channel_mult"])
-    last_up = levels - 1
-    last_attn = config["num_res_blocks"][0]
-    prefix = f"up_blocks.{last_up}.attentions.{last_attn}"
-    return ("conv_norm_out.", "conv_out.", f"{prefix}.proj_out.", f"{prefix}.transformer_blocks."), prefix
-
-
-def _allowed_missing(key: str, prefixes: tuple[str, ...], block: str) -> bool:
-    if not key.startswith(prefixes):
-        return False
-    if key.startswith(f"{block}.transformer_blocks."):
-        return ".norm1." not in key
-    return True
-
-
 def convert_unet(sd: Mapping[str, Tensor], part: str, in_channels: int,
                  tolerate_stripped: bool = False) -> tuple[dict[str, Tensor], dict, list[str]]:
     """Diffusers UNet keys -> ComfyUI (ldm) keys, shape-checked; documented-missing tensors become zeros.
@@ -150,32 +129,8 @@ def convert_unet(sd: Mapping[str, Tensor], part: str, in_channels: int,
     if config["in_channels"] != in_channels:
         raise ValueError(f"{part}: conv_in.weight has {config['in_channels']} input channels (shape "
                          f"{tuple(sd['conv_in.weight'].shape)}); MimicBrush's {part} has {in_channels}")
-    mapping = comfy.utils.unet_to_diffusers(config)
-    shapes = unet_shapes(config)
-    prefixes, block = stripped_writer_keys(config)
-    out: dict[str, Tensor] = {}
-    filled, missing = [], []
-    for dkey, lkey in sorted(mapping.items()):
-        if lkey not in shapes:  # class/add embeddings of other UNet kinds
-            continue
-        if dkey in sd:
-            tensor = sd[dkey]
-            if tuple(tensor.shape) != tuple(shapes[lkey]):
-                raise ValueError(f"{part}: {dkey} has shape {tuple(tensor.shape)}, expected "
-                                 f"{tuple(shapes[lkey])} for this UNet")
-            out[lkey] = tensor
-        elif tolerate_stripped and _allowed_missing(dkey, prefixes, block):
-            out[lkey] = torch.zeros(shapes[lkey], dtype=sd["conv_in.weight"].dtype)
-            filled.append(dkey)
-        else:
-            missing.append(dkey)
-    unexpected = sorted(set(sd) - set(mapping))
-    if missing or unexpected:
-        raise ValueError(f"{part}: {len(missing)} missing key(s) {missing[:6]} and {len(unexpected)} unexpected "
-                         f"key(s) {unexpected[:6]} for an SD1.5-style diffusers UNet")
-    if set(shapes) - set(out):
-        raise ValueError(f"{part}: ComfyUI's UNet has keys no diffusers name maps to: {sorted(set(shapes) - set(out))[:6]}")
-    return out, config, filled
+    out, filled = convert_unet_state_dict(sd, config, part, reference=tolerate_stripped)
+    return out, config, list(filled)
 
 
 def _load_unet(ldm: dict[str, Tensor], part: str, name: str, dtype: Optional[torch.dtype]) -> Any:

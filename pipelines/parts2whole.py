@@ -24,14 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import comfy.ldm.modules.attention as comfy_attention
 
 from ..attention.blocks import BlockKey, block_label, walk_transformer_blocks
 from ..attention.decoupled import MAX_IMAGE_TOKENS, DecoupledTokens, decoupled_cross_attention, pad_image_tokens, project_image_tokens
 from .images import PreparedReference
 from .parts2whole_release import Parts2WholeRelease
 from .pose_guider import PoseGuider
-from .reference import apply_reference_patch, build_reference_bank
+from .reference import apply_reference_patch, build_reference_bank, host_attention
 
 log = logging.getLogger("humanref")
 
@@ -153,16 +152,6 @@ def encode_image_tokens(clip_vision: Any, images: Sequence[Tensor]) -> Tensor:
     return torch.cat(embeds, dim=0)
 
 
-def _host_attention(extra_options: dict):
-    precision = extra_options.get("attn_precision")
-
-    def attn(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
-        return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=precision,
-                                                   transformer_options=extra_options)
-
-    return attn
-
-
 class DecoupledAttn2Replace:
     """attn2 replace of one block: text attention (or an earlier replace's result) + the image term."""
 
@@ -175,7 +164,7 @@ class DecoupledAttn2Replace:
         return self
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
-        attn = _host_attention(extra_options)
+        attn = host_attention(extra_options)
         heads = extra_options["n_heads"]
         text = self.inner(q, k, v, extra_options) if self.inner is not None else attn(q, k, v, heads)
         return decoupled_cross_attention(q, text, self.tokens, heads, extra_options.get("cond_or_uncond"), attn)

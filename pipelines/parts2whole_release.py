@@ -25,6 +25,7 @@ import comfy.supported_models
 import comfy.utils
 
 from ..attention.blocks import BlockKey
+from .diffusers_unet import convert_unet_state_dict as convert_diffusers_unet
 from .pose_guider import PoseGuider, load_pose_guider
 from .synthetic import unet_shapes
 
@@ -184,21 +185,6 @@ def ldm_block_key(ldm_key: str) -> Optional[BlockKey]:
     return name, int(m.group(2) or 0), int(m.group(3))
 
 
-def stripped_reference_keys(unet_config: dict, mapping: Mapping[str, str]) -> set[str]:
-    """Diffusers keys the official reference UNet drops: conv_norm_out, conv_out, and after norm1 of its last
-    transformer block everything of that block plus the block's proj_out."""
-    levels = len(unet_config["channel_mult"])
-    last_up = levels - 1
-    attn = f"up_blocks.{last_up}.attentions.{unet_config['num_res_blocks'][0]}"
-    depth = unet_config["transformer_depth_output"][0]
-    if depth == 0:
-        raise ValueError("the UNet's last up block has no transformer; not a Parts2Whole reference UNet")
-    block = f"{attn}.transformer_blocks.{depth - 1}."
-    out = {k for k in mapping if k.startswith(("conv_norm_out.", "conv_out.", f"{attn}.proj_out."))}
-    out |= {k for k in mapping if k.startswith(block) and not k.startswith(block + "norm1.")}
-    return out
-
-
 @dataclass
 class ConvertedUNet:
     state_dict: dict[str, Tensor]  # ComfyUI (ldm) keys
@@ -208,34 +194,10 @@ class ConvertedUNet:
 
 def convert_unet_state_dict(sd: Mapping[str, Tensor], unet_config: dict, source: str,
                             reference: bool = False) -> ConvertedUNet:
-    """Diffusers keys -> ComfyUI keys with a full key and shape check against ComfyUI's own UNet."""
-    mapping = comfy.utils.unet_to_diffusers(unet_config)
-    expected = unet_shapes(unet_config)
+    """Diffusers keys -> ComfyUI keys (pipelines.diffusers_unet); the denoising UNet's _dc keys set aside."""
     decoupled = {k: v for k, v in sd.items() if DC_MARK in k and not reference}
-    unexpected = sorted(k for k in sd if k not in mapping and k not in decoupled)
-    if unexpected:
-        raise ValueError(f"{source}: {len(unexpected)} unexpected keys for a UNet with this config.json, e.g. "
-                         f"{unexpected[:8]}")
-    allowed = stripped_reference_keys(unet_config, mapping) if reference else set()
-    missing = sorted(k for k in mapping if k not in sd and k not in allowed and mapping[k] in expected)
-    if missing:
-        raise ValueError(f"{source}: {len(missing)} missing keys, e.g. {missing[:8]}")
-    out: dict[str, Tensor] = {}
-    for dk, lk in mapping.items():
-        if lk not in expected:
-            continue
-        if dk in sd:
-            tensor = sd[dk]
-            if tuple(tensor.shape) != tuple(expected[lk]):
-                raise ValueError(f"{source}: key {dk} has shape {tuple(tensor.shape)}, expected "
-                                 f"{tuple(expected[lk])} for the config in config.json")
-            out[lk] = tensor
-        else:
-            out[lk] = torch.zeros(expected[lk])
-    not_mapped = sorted(set(expected) - set(out))
-    if not_mapped:
-        raise ValueError(f"{source}: ComfyUI's UNet needs {not_mapped[:8]} which no diffusers key maps to")
-    filled = tuple(sorted(k for k in allowed if k not in sd))
+    plain = {k: v for k, v in sd.items() if k not in decoupled}
+    out, filled = convert_diffusers_unet(plain, unet_config, source, reference=reference)
     return ConvertedUNet(out, decoupled, filled)
 
 

@@ -180,7 +180,8 @@ class RunState:
         return self.allowed[grid]
 
 
-def _host_attention(extra_options: dict):
+def host_attention(extra_options: dict):
+    """ComfyUI's optimized_attention bound to this call's precision and options (the engine's attn callable)."""
     precision = extra_options.get("attn_precision")
 
     def attn(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
@@ -226,7 +227,7 @@ class ReferenceAttnReplace:
                     "remove it or apply it after sampling with references.")
         heads = extra_options["n_heads"]
         return reference_attention(q, k, v, heads, extra_options.get("cond_or_uncond"), active,
-                                   _host_attention(extra_options))
+                                   host_attention(extra_options))
 
 
 def _outer_sample_wrapper(layer: ReferenceLayer):

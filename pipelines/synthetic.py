@@ -93,6 +93,21 @@ def unet_shapes(unet_config: dict) -> dict[str, torch.Size]:
     return _meta_shapes(unet)
 
 
+def diffusers_unet_state_dict(unet_config: dict, seed: int = 0, dtype: torch.dtype = torch.float32,
+                              stripped_reference: bool = False) -> dict[str, Tensor]:
+    """Random UNet weights under diffusers names (every ComfyUI key has one); stripped_reference drops what the
+    official Parts2Whole/MimicBrush reference UNets lack (pipelines.diffusers_unet.stripped_reference_keys)."""
+    import comfy.utils
+
+    from .diffusers_unet import diffusers_names, stripped_reference_keys
+
+    sd = diffusers_names(unet_config, random_like(unet_shapes(unet_config), seed, dtype))
+    if stripped_reference:
+        for k in stripped_reference_keys(unet_config, comfy.utils.unet_to_diffusers(unet_config)):
+            sd.pop(k, None)
+    return sd
+
+
 def build_model(unet_config: dict, seed: int = 0, arch: str = "sd15", dtype: torch.dtype = torch.float32,
                 device: Optional[torch.device] = None) -> Any:
     """An in-memory ComfyUI ModelPatcher with random weights (no file, no detection)."""

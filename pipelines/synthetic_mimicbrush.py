@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .synthetic import TinyModel, random_like, sd15_unet_config, unet_shapes
+from .synthetic import TinyModel, diffusers_unet_state_dict, random_like, sd15_unet_config
 
 TINY_MIMICBRUSH = "humanref-tiny-mimicbrush.bin"
 TINY_CLIP_VISION = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "patch_size": 14,
@@ -23,30 +23,6 @@ VIT_H = {"hidden_size": 1280, "num_hidden_layers": 32, "intermediate_size": 5120
 
 def tiny_unet_config(in_channels: int = 4) -> dict:
     return sd15_unet_config(channel_mult=(1,), num_res_blocks=1, middle=True, in_channels=in_channels)
-
-
-def diffusers_unet_state_dict(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    """Random UNet weights under diffusers names (inverse of comfy.utils.unet_to_diffusers)."""
-    import comfy.utils
-
-    shapes = unet_shapes(config)
-    inverse = {ldm: d for d, ldm in comfy.utils.unet_to_diffusers(config).items() if ldm in shapes}
-    weights = random_like(shapes, seed, dtype)
-    return {inverse[k]: v for k, v in weights.items()}
-
-
-def strip_writer(sd: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
-    """Remove what the official ReferenceNet does not have (see mimicbrush_weights.stripped_writer_keys)."""
-    levels = len(config["channel_mult"])
-    block = f"up_blocks.{levels - 1}.attentions.{config['num_res_blocks'][0]}"
-    out = {}
-    for k, v in sd.items():
-        if k.startswith(("conv_norm_out.", "conv_out.", f"{block}.proj_out.")):
-            continue
-        if k.startswith(f"{block}.transformer_blocks.") and ".norm1." not in k:
-            continue
-        out[k] = v
-    return out
 
 
 def clip_vision_shapes(cfg: dict) -> dict[str, torch.Size]:
@@ -98,7 +74,7 @@ def mimicbrush_checkpoint(unet_config: Optional[dict] = None, clip_config: Optio
                         "projector.bias": torch.Size((768,))}, seed + 5, dtype)
     return {
         "unet": diffusers_unet_state_dict(unet_cfg, seed + 1, dtype),
-        "referencenet": strip_writer(diffusers_unet_state_dict(ref_cfg, seed + 2, dtype), ref_cfg),
+        "referencenet": diffusers_unet_state_dict(ref_cfg, seed + 2, dtype, stripped_reference=True),
         "image_proj": proj,
         "depth_guider": random_like(depth_guider_shapes(), seed + 6, dtype),
         "image_encoder": clip,

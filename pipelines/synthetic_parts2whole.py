@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .synthetic import TinyModel, random_like, sd15_unet_config, unet_shapes
+from .synthetic import TinyModel, diffusers_unet_state_dict, random_like, sd15_unet_config, unet_shapes
 
 TINY_RELEASE = "humanref-tiny-parts2whole"
 FEATURE_EXTRACTOR = {
@@ -59,19 +59,6 @@ def diffusers_unet_config(unet_config: dict) -> dict:
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn_up)],
         "use_linear_projection": False,
     }
-
-
-def diffusers_unet_state_dict(unet_config: dict, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    """Random weights with the diffusers key names of ComfyUI's UNet (every ComfyUI key has a diffusers name)."""
-    import comfy.utils
-
-    to_ldm = comfy.utils.unet_to_diffusers(unet_config)
-    to_diffusers = {v: k for k, v in to_ldm.items()}
-    ldm = random_like(unet_shapes(unet_config), seed, dtype)
-    missing = sorted(set(ldm) - set(to_diffusers))
-    if missing:
-        raise ValueError(f"no diffusers names for {missing[:5]}")
-    return {to_diffusers[k]: v for k, v in ldm.items()}
 
 
 def decoupled_state_dict(unet_config: dict, seed: int, image_dim: int = 768,
@@ -128,17 +115,11 @@ def _json(data: dict, path: str) -> None:
 def write_release(path: str, unet_config: Optional[dict] = None, seed: int = 0, dtype: torch.dtype = torch.float32,
                   image_encoder: Optional[dict] = None, dc_in_unet: bool = False) -> dict:
     """Write a synthetic release folder; returns the state dicts written (for tests)."""
-    from .parts2whole_release import stripped_reference_keys
-
-    import comfy.utils
-
     cfg = unet_config or sd15_unet_config()
     enc_cfg = image_encoder or tiny_image_encoder_config()
     diff_cfg = diffusers_unet_config(cfg)
     unet = diffusers_unet_state_dict(cfg, seed, dtype)
-    ref = diffusers_unet_state_dict(cfg, seed + 1, dtype)
-    for k in stripped_reference_keys(cfg, comfy.utils.unet_to_diffusers(cfg)):
-        ref.pop(k, None)
+    ref = diffusers_unet_state_dict(cfg, seed + 1, dtype, stripped_reference=True)
     dc = decoupled_state_dict(cfg, seed + 2, enc_cfg["projection_dim"], dtype)
     guider = pose_guider_state_dict(cfg["model_channels"], seed + 3)
     encoder = image_encoder_state_dict(enc_cfg, seed + 4)

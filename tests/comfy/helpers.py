@@ -45,3 +45,13 @@ def box_mask(size: tuple[int, int], top: int, left: int, bottom: int, right: int
     m = torch.zeros(1, *size)
     m[:, top:bottom, left:right] = 1.0
     return m
+
+
+def diffusers_sdpa(attn, q, k, v):
+    """Multi-head attention as diffusers' AttnProcessor2_0 computes it (for the official-semantics references)."""
+    import torch.nn.functional as F
+
+    b, h = q.shape[0], attn.heads
+    q, k, v = (t.view(b, -1, h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v))
+    o = F.scaled_dot_product_attention(q, k, v)
+    return o.transpose(1, 2).reshape(b, -1, h * o.shape[-1])

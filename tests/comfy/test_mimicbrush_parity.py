@@ -14,19 +14,13 @@ from comfyenv import require_comfy
 require_comfy()
 
 import math  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-try:  # a broken torchaudio (CUDA build on a CPU box) must not stop transformers from importing
-    import torchaudio  # noqa: F401
-except Exception:  # noqa: BLE001
-    sys.modules["torchaudio"] = None
-
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+import diffusers  # noqa: E402  (a dependency of the pack)
+from helpers import diffusers_sdpa  # noqa: E402
 
 RES = 64  # working resolution (latent 8x8); image, mask and depth are given at this size (no resampling)
 REF = 224  # the reference at CLIP's input size, so CLIP sees the same pixels on both sides
@@ -48,13 +42,6 @@ def _pixels(seed, h, w):
     return torch.randint(0, 256, (1, h, w, 3), generator=g).float() / 255.0
 
 
-def _sdpa(attn, q, k, v):
-    b, h = q.shape[0], attn.heads
-    q, k, v = (t.view(b, -1, h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v))
-    o = F.scaled_dot_product_attention(q, k, v)
-    return o.transpose(1, 2).reshape(b, -1, h * o.shape[-1])
-
-
 class WriteProcessor:
     """Writer: store the attn1 input (the norm1 output), then plain self-attention."""
 
@@ -63,7 +50,7 @@ class WriteProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
         self.bank[self.name] = hidden_states.clone()
-        out = _sdpa(attn, attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
+        out = diffusers_sdpa(attn, attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
         return attn.to_out[0](out)
 
 
@@ -76,8 +63,8 @@ class ReadProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
         n = hidden_states.shape[1]
         full = torch.cat([hidden_states, self.bank[self.name]], dim=1)
-        shared = attn.to_out[0](_sdpa(attn, attn.to_q(full), attn.to_k(full), attn.to_v(full)))[:, :n]
-        raw = attn.to_out[0](_sdpa(attn, attn.to_q(hidden_states), attn.to_k(hidden_states),
+        shared = attn.to_out[0](diffusers_sdpa(attn, attn.to_q(full), attn.to_k(full), attn.to_v(full)))[:, :n]
+        raw = attn.to_out[0](diffusers_sdpa(attn, attn.to_q(hidden_states), attn.to_k(hidden_states),
                                    attn.to_v(hidden_states)))
         out = shared * 0.5 + raw * 0.5
         half = hidden_states.shape[0] // 2

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import sys
 
 import pytest
 import torch
@@ -17,11 +16,6 @@ import torch
 from comfyenv import require_comfy
 
 require_comfy()
-
-try:  # a broken torchaudio (CUDA build on a CPU box) must not stop transformers/diffusers from importing
-    import torchaudio  # noqa: F401
-except Exception:  # noqa: BLE001
-    sys.modules["torchaudio"] = None
 
 from humanref.pipelines import mimicbrush_weights as mw  # noqa: E402
 from humanref.pipelines import synthetic_mimicbrush as smb  # noqa: E402

@@ -13,26 +13,13 @@ from comfyenv import require_comfy
 require_comfy()
 
 import math  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-try:  # a broken torchaudio (CUDA build on a CPU box) must not stop transformers from importing
-    import torchaudio  # noqa: F401
-except Exception:  # noqa: BLE001
-    sys.modules["torchaudio"] = None
-    try:
-        import transformers.utils
-        import transformers.utils.import_utils as _iu
-
-        _iu.is_torchaudio_available = transformers.utils.is_torchaudio_available = lambda: False
-    except Exception:  # noqa: BLE001
-        pass
-
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+import diffusers  # noqa: E402  (a dependency of the pack)
+from helpers import diffusers_sdpa  # noqa: E402
 
 SIZE = 224  # reference images: CLIP's input size, so CLIP sees the same pixels on both sides
 OUT = 64  # output size; both sides VAE-encode the references as the pipeline prepared them (resized to OUT)
@@ -71,14 +58,6 @@ def official_token_mask(mask, tokens):
     return m.flatten(1).unsqueeze(-1)
 
 
-def _sdpa(attn, q, k, v):
-    b = q.shape[0]
-    h = attn.heads
-    q, k, v = (t.view(b, -1, h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v))
-    o = F.scaled_dot_product_attention(q, k, v)
-    return o.transpose(1, 2).reshape(b, -1, h * o.shape[-1])
-
-
 class WriteProcessor:
     def __init__(self, name, bank, mask):
         self.name, self.bank, self.mask = name, bank, mask
@@ -86,7 +65,7 @@ class WriteProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
         weights = 1.0 if self.mask is None else official_token_mask(self.mask, hidden_states.shape[1])
         self.bank.setdefault(self.name, []).append(hidden_states * weights)
-        out = _sdpa(attn, attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
+        out = diffusers_sdpa(attn, attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
         return attn.to_out[0](out)
 
 
@@ -99,9 +78,9 @@ class ReadProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
         half = hidden_states.shape[0] // 2
         unc, con = hidden_states[:half], hidden_states[half:]
-        out_u = _sdpa(attn, attn.to_q(unc), attn.to_k(unc), attn.to_v(unc))
+        out_u = diffusers_sdpa(attn, attn.to_q(unc), attn.to_k(unc), attn.to_v(unc))
         kv = torch.cat([con] + [r.expand(half, -1, -1) for r in self.bank[self.name]], dim=1)
-        out_c = _sdpa(attn, attn.to_q(con), attn.to_k(kv), attn.to_v(kv))
+        out_c = diffusers_sdpa(attn, attn.to_q(con), attn.to_k(kv), attn.to_v(kv))
         return attn.to_out[0](torch.cat([out_u, out_c], dim=0))
 
 
@@ -112,8 +91,8 @@ class DecoupledProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
         text, img = encoder_hidden_states[:, :-self.n], encoder_hidden_states[:, -self.n:]
         q = attn.to_q(hidden_states)
-        out = _sdpa(attn, q, attn.to_k(text), attn.to_v(text))
-        out = out + 1.0 * _sdpa(attn, q, img @ self.wk.t(), img @ self.wv.t())
+        out = diffusers_sdpa(attn, q, attn.to_k(text), attn.to_v(text))
+        out = out + 1.0 * diffusers_sdpa(attn, q, img @ self.wk.t(), img @ self.wv.t())
         return attn.to_out[0](out)
 
 
