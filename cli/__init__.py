@@ -111,8 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("workflow", help="UI-format workflow JSON")
     render.add_argument("png", help="where to write the picture")
     render.add_argument("--scale", type=float, default=0.8, help="picture scale (default 0.8)")
-    sub.add_parser("train", add_help=False,
-                   help="train the hand generator or the garment weights (python -m humanref train --help)")
     convert = sub.add_parser("convert-hand-generator", add_help=False,
                              help="convert a diffusers hand-generator UNet + mask head into HumanRef's layout")
     convert.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -211,10 +209,6 @@ def cmd_tiny_models(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:  # the trainers have their own parsers (python -m humanref train --help)
-        from ..training.cli import main as train_main
-
-        return train_main(argv[1:])
     if argv[:1] == ["convert-hand-generator"]:  # its own parser (options may come first, e.g. --help)
         from ..pipelines.hand_weights import main as convert_main
 
