@@ -36,6 +36,11 @@ HumanRef command line.
       Convert a diffusers fine-tuned hand-generator UNet (15-channel conv_in) and its mask-head weights into
       the layout HandGeneratorLoader reads (models/hand_generator/).
 
+  python -m humanref train hand-generator|garments --data DIR --base SD15_CHECKPOINT --out FILE [...]
+  python -m humanref train validate-data hand|garments DIR [--slots upper,lower]
+      Train a hand generator or AnyDressing garment weights from an SD1.5 checkpoint on a dataset folder
+      (checked first), into the files the nodes load; see `python -m humanref train --help`.
+
 Run `python -m humanref COMMAND --help` for every option.
 """
 
@@ -114,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert-hand-generator", add_help=False,
                              help="convert a diffusers hand-generator UNet + mask head into HumanRef's layout")
     convert.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    train = sub.add_parser("train", add_help=False,
+                           help="train a hand generator or garment weights; validate a training dataset")
+    train.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
@@ -213,6 +221,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from ..pipelines.hand_weights import main as convert_main
 
         return convert_main(argv[1:], prog="python -m humanref convert-hand-generator")
+    if argv[:1] == ["train"]:  # its own parser with subcommands (training.cli)
+        from ..training.cli import main as train_main
+
+        return train_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -253,6 +253,34 @@ def convert_diffusers(unet_sd: dict[str, Tensor], head_sd: dict[str, Tensor],
     return out, meta
 
 
+
+def save_hand_generator(path: str, unet_sd: dict[str, Tensor], head: "MaskHead | dict[str, Tensor]",
+                        metadata: Optional[dict] = None) -> dict[str, str]:
+    """Write our layout from a diffusers UNet state dict and the mask head (the trainer's writer).
+
+    The file goes through :func:`convert_diffusers` and the loader's own checks (:func:`split_checkpoint`)
+    before anything is written, so a trainer can never produce a file the loader refuses; written to a
+    temporary name first and renamed, so an interrupted save leaves no half file. Returns the metadata.
+    """
+    import os
+
+    from safetensors.torch import save_file
+
+    meta = {}
+    if isinstance(head, MaskHead):
+        meta["mask_activation"] = head.activation
+        head = head_state_dict(head)
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    sd, meta = convert_diffusers({k: v.detach() for k, v in unet_sd.items()},
+                                 {k: v.detach() for k, v in head.items()}, meta)
+    if meta.get("mask_activation", "clamp") not in ACTIVATIONS:
+        raise ValueError(f"mask_activation must be one of {ACTIVATIONS}, got {meta['mask_activation']!r}")
+    split_checkpoint(sd, meta, os.path.basename(path))
+    tmp = path + ".part"
+    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, tmp, metadata=meta)
+    os.replace(tmp, path)
+    return meta
+
 def _read(path: str) -> dict[str, Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
