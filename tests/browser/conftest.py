@@ -1,0 +1,94 @@
+"""Browser tier: ComfyUI's own frontend in headless chromium (Debian's, through Playwright) against one private
+ComfyUI server per session (humanref.cli.server.LocalComfyUI, as the e2e tier), with the pack and the tiny
+synthetic models installed under the file names the shipped workflows use.
+
+Set HUMANREF_TINY_MODELS=DIR to reuse models written earlier by ``python -m humanref tiny-models DIR``. The test
+modules skip with the reason when ComfyUI, chromium or the playwright package is missing; nothing here imports
+playwright at collection time.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from browser_support import Frontend, install_models, launch_chromium, make_server, prepare_server, VIEWPORT
+from e2e_support import TINY_CKPT, comfyui_path, humanref_cli
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Remember each phase's report on the test item (the frontend fixture saves a screenshot on failure)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
+@pytest.fixture(scope="session")
+def browser_models(tmp_path_factory) -> Path:
+    reuse = os.environ.get("HUMANREF_TINY_MODELS")
+    tiny = Path(reuse) if reuse else tmp_path_factory.mktemp("tiny-models")
+    proc = humanref_cli("tiny-models", str(tiny), "--comfyui", comfyui_path(), cwd=tmp_path_factory.getbasetemp())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tiny / "checkpoints" / TINY_CKPT).is_file(), proc.stdout
+    models = tmp_path_factory.mktemp("browser-models")
+    install_models(tiny, models)
+    return models
+
+
+@pytest.fixture(scope="session")
+def browser_server(browser_models):
+    server = make_server(browser_models)
+    server.start()
+    try:
+        yield server
+    finally:
+        tmp = server.tmp
+        server.stop()
+        assert not server.alive()
+        assert tmp is None or not os.path.exists(tmp)
+
+
+@pytest.fixture(scope="session")
+def browser_client(browser_server):
+    from humanref.cli.client import ComfyClient
+
+    client = ComfyClient(browser_server.url, timeout=30)
+    prepare_server(client)
+    return client
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    from playwright.sync_api import sync_playwright
+
+    playwright = sync_playwright().start()
+    try:
+        browser = launch_chromium(playwright)
+        try:
+            yield browser
+        finally:
+            browser.close()
+    finally:
+        playwright.stop()
+
+
+@pytest.fixture
+def frontend(request, chromium, browser_server, browser_client, tmp_path):
+    """A fresh browser context and page on the server (not yet opened: call .open()). On failure the page is
+    saved to tmp_path/failure.png and the server log's tail is printed."""
+    context = chromium.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    try:
+        yield Frontend(page, browser_server.url)
+    finally:
+        report = getattr(request.node, "report_call", None)
+        if report is not None and report.failed:
+            try:
+                page.screenshot(path=str(tmp_path / "failure.png"))
+                print(f"page at failure: {tmp_path / 'failure.png'}")
+            except Exception as exc:  # noqa: BLE001 - a broken page must not hide the test's own failure
+                print(f"no screenshot of the page: {exc}")
+            print("server log tail:\n" + browser_server.log_tail(30))
+        context.close()
