@@ -102,12 +102,16 @@ def find_chromium() -> Optional[str]:
 
 def missing_browser() -> Optional[str]:
     """Why the browser tier cannot run here (None when it can)."""
-    import importlib.util
+    import importlib
 
-    if importlib.util.find_spec("playwright") is None:
+    try:
+        importlib.import_module("playwright.sync_api")
+    except ImportError:
         return ("the playwright package is not installed (pip install 'humanref[browser]'; it drives the "
                 "system chromium, no browser download)")
     if find_chromium() is None:
+        if os.environ.get("HUMANREF_CHROMIUM"):
+            return f"HUMANREF_CHROMIUM={os.environ['HUMANREF_CHROMIUM']} is not an executable"
         return "Debian's chromium is not installed (apt-get install chromium) and HUMANREF_CHROMIUM is not set"
     return None
 
