@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
@@ -139,15 +140,18 @@ def build_unet(base: BaseModel, in_channels: Optional[int] = None) -> Any:
     """A fresh trainable diffusers UNet with the base weights (fp32)."""
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel(**diffusers_unet_config(base.unet_config, in_channels))
-    weights = dict(base.unet)
+    with torch.device("meta"):  # no random init of weights that are overwritten next
+        unet = UNet2DConditionModel(**diffusers_unet_config(base.unet_config, in_channels))
+    weights = {k: v.clone() for k, v in base.unet.items()}
     if in_channels is not None and in_channels != base.unet["conv_in.weight"].shape[1]:
-        weights.pop("conv_in.weight")
-    missing, unexpected = unet.load_state_dict(weights, strict=False)
-    allowed = {"conv_in.weight"} if "conv_in.weight" not in weights else set()
-    if set(missing) - allowed or unexpected:
-        raise ValueError(f"{base.name}: the UNet does not fit diffusers' SD1.5 UNet (missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]})")
+        shape = (base.unet["conv_in.weight"].shape[0], in_channels) + tuple(base.unet["conv_in.weight"].shape[2:])
+        weights["conv_in.weight"] = torch.zeros(shape)  # the caller initialises the new channels
+    expected = set(unet.state_dict())
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{base.name}: the UNet does not fit diffusers' SD1.5 UNet (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+    unet.load_state_dict(weights, strict=True, assign=True)
     return unet
 
 
@@ -167,6 +171,9 @@ def transformer_paths(unet_config: dict) -> list[tuple[str, str]]:
     return sorted(pairs, key=order)
 
 
+_TEXT_CACHE: "weakref.WeakKeyDictionary[Any, dict[str, Tensor]]" = weakref.WeakKeyDictionary()
+
+
 class TextEncoder:
     """Captions -> [B, 77, 768] with ComfyUI's CLIP (as the CLIPTextEncode node), frozen and cached.
 
@@ -176,7 +183,7 @@ class TextEncoder:
 
     def __init__(self, clip: Any, cache_size: int = 4096) -> None:
         self.clip = clip
-        self.cache: dict[str, Tensor] = {}
+        self.cache: dict[str, Tensor] = _TEXT_CACHE.setdefault(clip, {})  # shared by every encoder of this CLIP
         self.cache_size = cache_size
         self.truncated = 0
 

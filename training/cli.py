@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _report(kind: str, directory: str, slots: Optional[str], min_confidence: float, out=sys.stdout):
+def _report(kind: str, directory: str, slots: Optional[str], min_confidence: float):
     from .datasets import parse_slots, validate_garment_dataset, validate_hand_dataset
 
     if kind == "hand":
@@ -164,7 +164,7 @@ def _report(kind: str, directory: str, slots: Optional[str], min_confidence: flo
         if not slots:
             raise ValueError("garments datasets need --slots, e.g. --slots upper,lower")
         report = validate_garment_dataset(directory, parse_slots(slots))
-    print(report.format(), file=out)
+    print(report.format())
     return report
 
 

@@ -209,19 +209,19 @@ def _move(batch: dict, device: torch.device) -> dict:
 
 
 class Log:
-    def __init__(self, work_dir: str, stream=sys.stderr) -> None:
+    def __init__(self, work_dir: str, stream: Any = None) -> None:
         self.path = os.path.join(work_dir, "log.jsonl")
-        self.stream = stream
+        self.stream = stream  # None: sys.stderr at the time of writing
 
     def __call__(self, record: dict, text: Optional[str] = None) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        if text is not None and self.stream is not None:
-            print(text, file=self.stream, flush=True)
+        if text is not None:
+            print(text, file=self.stream or sys.stderr, flush=True)
 
 
 def train(task: TrainingTask, dataset: Any, collate: Any, config: LoopConfig, out_path: str,
-          metadata: Optional[dict] = None, log_stream=sys.stderr) -> dict:
+          metadata: Optional[dict] = None, log_stream: Any = None) -> dict:
     """Run the loop to config.max_steps and write ``out_path``; returns a summary (last losses, speed, files)."""
     config.check()
     device = resolve_device(config.device)
@@ -238,7 +238,7 @@ def train(task: TrainingTask, dataset: Any, collate: Any, config: LoopConfig, ou
     for g in groups:
         g.setdefault("weight_decay", config.weight_decay)
         g["initial_lr"] = g["lr"]
-    optimizer = torch.optim.AdamW(groups)
+    optimizer = torch.optim.AdamW(groups, foreach=True)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     step = 0
     if config.resume:

@@ -66,7 +66,7 @@ def write_hand_dataset(root: str, count: int = 4, size: tuple[int, int] = (96, 8
         with open(os.path.join(root, "keypoints", name + ".json"), "w") as f:
             json.dump({"version": 1.3, "people": [person]}, f)
         with open(os.path.join(root, "captions", name + ".txt"), "w") as f:
-            f.write(f"a photo of {'two hands' if len(hands) == 2 else 'a hand'}, sample {i}")
+            f.write(f"a photo of {'two hands' if len(hands) == 2 else 'a hand'}")
         names.append(name)
     return names
 
@@ -106,6 +106,6 @@ def write_garment_dataset(root: str, slots: Sequence[str] = ("upper", "lower"), 
                 save_image(gmask, os.path.join(root, "garment_masks", slot, name + ".png"))
         save_image(person, os.path.join(root, "persons", name + ".png"))
         with open(os.path.join(root, "captions", name + ".txt"), "w") as f:
-            f.write(f"a person wearing {' and '.join(slots)} garments, look {i}")
+            f.write(f"a person wearing {' and '.join(slots)} garments")
         names.append(name)
     return names
