@@ -381,6 +381,7 @@ class Frontend:
         dialog.get_by_text(module, exact=True).click()
         card = self.page.get_by_test_id(f"template-workflow-{name}")
         card.wait_for()
+        card.scroll_into_view_if_needed()  # thumbnails load lazily, when in view
         thumb = card.locator("img").first
         thumb.wait_for()
         self.page.wait_for_function("(img) => img.complete", arg=thumb.element_handle(), timeout=15_000)

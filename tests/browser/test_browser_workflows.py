@@ -85,7 +85,9 @@ def test_template_browser_shows_every_workflow_with_its_thumbnail(frontend):
                    cards.evaluate_all("(cards) => cards.map((c) => c.dataset.testid)"))
     assert names == list(WORKFLOW_NAMES)
     for name in WORKFLOW_NAMES:
-        thumb = page.get_by_test_id(f"template-workflow-{name}").locator("img").first
+        card = page.get_by_test_id(f"template-workflow-{name}")
+        card.scroll_into_view_if_needed()  # thumbnails load lazily, when in view
+        thumb = card.locator("img").first
         thumb.wait_for()
         page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=thumb.element_handle(),
                                timeout=15_000)
@@ -160,3 +162,45 @@ def test_workflow_opens_cleanly_and_runs_from_the_page(name, frontend, browser_c
 
     if known:
         pytest.xfail(reason)
+
+
+def broken_reference_portrait() -> dict:
+    """reference_portrait.json with one fault of each kind the checks above look for."""
+    graph = load_workflow("reference_portrait")
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    nodes[9]["type"] = "HumanRef_NoSuchNode"  # a node type the server does not have
+    nodes[2]["widgets_values"][0] = "no-such-image.png"  # a combo value that is not an option
+    nodes[13]["widgets_values"] = nodes[13]["widgets_values"][:2] + nodes[13]["widgets_values"][3:]  # one lost
+    # link 19 (VAE -> VAE Decode.vae) now starts at CLIP: a connection the frontend would refuse
+    graph["links"] = [[19, 1, 1, 14, 1, "VAE"] if link[0] == 19 else link for link in graph["links"]]
+    nodes[1]["outputs"][1]["links"].append(19)
+    nodes[1]["outputs"][2]["links"].remove(19)
+    # link 17 (Empty Latent -> KSampler.latent_image) removed: a required input left open
+    graph["links"] = [link for link in graph["links"] if link[0] != 17]
+    nodes[12]["outputs"][0]["links"] = []
+    nodes[13]["inputs"][3]["link"] = None
+    return graph
+
+
+def test_the_checks_catch_a_broken_graph(frontend, tmp_path):
+    """The checks can fail: a copy of a workflow with a missing node type, a bad combo value, a widget value
+    too few, a link between mismatched types and an open required input is reported for each."""
+    path = tmp_path / "broken.json"
+    broken = broken_reference_portrait()
+    path.write_text(json.dumps(broken))
+    frontend.open()
+    mark = frontend.mark()
+    frontend.open_file(path)
+    problems = frontend.problems(since=mark)
+    text = "\n".join(problems)
+    assert "HumanRef_NoSuchNode" in "\n".join(frontend.dialogs())  # the frontend's missing-nodes dialog
+    assert "node 9 (HumanRef_NoSuchNode): node type not registered in the frontend" in problems
+    assert ("node 2 (LoadImage): widget image = \"no-such-image.png\" is not one of the server's options"
+            in problems)
+    assert "node 14 (VAEDecode): link 19 connects CheckpointLoaderSimple.CLIP (CLIP) to vae (VAE)" in problems
+    assert "node 13 (KSampler): required input latent_image is not connected" in problems
+    assert "no-such-image.png" in text.split("console:", 1)[1]  # the preview's failed request
+    # the frontend fills the widgets in order and silently shifts the rest: only the comparison shows it
+    assert graph_differences(broken, frontend.serialize()) == [
+        "node 13 (KSampler): widgets_values [42, 'fixed', 7.0, 'euler', 'normal', 1.0] became "
+        "[42, 'fixed', 7, 'euler', 'normal', 1, 1]"]
