@@ -202,7 +202,7 @@ def cmd_hand(args: argparse.Namespace) -> int:
     from .hand import HandTrainConfig
     from .hand_data import HandDataConfig
 
-    out = _check_out(args)
+    out = None if args.validate_only else _check_out(args)  # before the (long) validation pass
     train_config = HandTrainConfig(lr=args.lr, mask_head_lr=args.mask_head_lr, mask_weight=args.mask_weight,
                                    mask_input=args.mask_input, mask_activation=args.mask_activation,
                                    conv_in_init=args.conv_in_init, caption_dropout=args.caption_dropout,
@@ -256,7 +256,7 @@ def cmd_garments(args: argparse.Namespace) -> int:
     from .garment_data import GarmentDataConfig
     from .garments import GarmentTrainConfig
 
-    out = _check_out(args)
+    out = None if args.validate_only else _check_out(args)
     slots = parse_slots(args.slots)
     train_config = GarmentTrainConfig(slots=slots, rank=args.rank, alpha=args.alpha, lr=args.lr,
                                       dressing_scale=args.dressing_scale,

@@ -39,16 +39,6 @@ from torch import Tensor
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MIN_SIDE = 32
 SLOT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-HAND_FOLDERS = ("images", "keypoints", "masks", "captions")
-GARMENT_FOLDERS = ("persons", "garments", "masks", "garment_masks", "captions")
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be trained on; ``report`` lists every problem."""
-
-    def __init__(self, report: "Report") -> None:
-        super().__init__(report.format())
-        self.report = report
 
 
 @dataclass(frozen=True)
@@ -147,14 +137,6 @@ def read_pose(path: str, width: int, height: int, min_confidence: float = 0.3):
                      f"{min_confidence} in hand_left_keypoints_2d or hand_right_keypoints_2d)")
 
 
-def image_size(path: str) -> tuple[int, int]:
-    """(width, height) from the header (cheap); the full decode happens in :func:`read_image`."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.size
-
-
 # ---- folder scanning ---------------------------------------------------------------------------------------
 
 def _index(folder: str, root: str, report: Report, extensions: Sequence[str]) -> dict[str, str]:
@@ -238,9 +220,10 @@ def hand_samples(root: str, report: Optional[Report] = None) -> tuple[list[HandS
         _orphans(index, names, root, report, what)
     samples = []
     for name in sorted(images):
-        samples.append(HandSample(name, images[name], keypoints.get(name, os.path.join(root, "keypoints", name + ".json")),
-                                  masks.get(name, os.path.join(root, "masks", name + ".png")) if has_masks else None,
-                                  captions.get(name, os.path.join(root, "captions", name + ".txt"))))
+        samples.append(HandSample(
+            name, images[name], keypoints.get(name, os.path.join(root, "keypoints", name + ".json")),
+            masks.get(name, os.path.join(root, "masks", name + ".png")) if has_masks else None,
+            captions.get(name, os.path.join(root, "captions", name + ".txt"))))
     return samples, report
 
 

@@ -84,8 +84,9 @@ class HandTask:
         self.unet = build_unet(base, in_channels=IN_CHANNELS)
         widen_conv_in(self.unet, base.unet["conv_in.weight"], config.conv_in_init,
                       torch.Generator().manual_seed(seed + 12_345))
-        torch.manual_seed(seed + 54_321)  # the head's default init, reproducible
-        self.head = MaskHead(activation=config.mask_activation)
+        with torch.random.fork_rng(devices=[]):  # the head's default init, reproducible, global RNG untouched
+            torch.manual_seed(seed + 54_321)
+            self.head = MaskHead(activation=config.mask_activation)
         self.vae = base.vae
         self.text = TextEncoder(base.clip)
         self.scheduler = ddpm_scheduler()

@@ -220,6 +220,15 @@ def test_validate_data_command(tmp_path, capsys):
     os.remove(str(tmp_path / "h" / "captions" / "hand_0001.txt"))
     assert main(["validate-data", "hand", str(tmp_path / "h")]) == 1
     assert "captions/hand_0001.txt: missing caption" in capsys.readouterr().out
+    # --validate-only: the report, nothing trained or loaded (no checkpoint exists at --base)
+    assert main(["hand-generator", "--data", str(tmp_path / "h"), "--base", "none.safetensors", "--out",
+                 str(tmp_path / "x.safetensors"), "--validate-only"]) == 1
+    assert "captions/hand_0001.txt: missing caption" in capsys.readouterr().err
+    with open(str(tmp_path / "h" / "captions" / "hand_0001.txt"), "w") as f:
+        f.write("a hand")
+    assert main(["hand-generator", "--data", str(tmp_path / "h"), "--base", "none.safetensors", "--out",
+                 str(tmp_path / "x.safetensors"), "--validate-only"]) == 0
+    assert not (tmp_path / "x.safetensors").exists()
     write_garment_dataset(str(tmp_path / "g"), ("upper",), count=1)
     assert main(["validate-data", "garments", str(tmp_path / "g"), "--slots", "upper"]) == 0
     assert main(["validate-data", "garments", str(tmp_path / "g")]) == 2

@@ -177,7 +177,8 @@ def test_epoch_sampler_resumes_mid_epoch_and_steps_are_seeded():
     assert [next(resumed) for _ in range(6)] == seq[7:13]
     a, b = step_generator(0, 10), step_generator(0, 10)
     assert torch.equal(torch.rand(3, generator=a), torch.rand(3, generator=b))
-    assert not torch.equal(torch.rand(3, generator=step_generator(0, 11)), torch.rand(3, generator=step_generator(0, 10)))
+    assert not torch.equal(torch.rand(3, generator=step_generator(0, 11)),
+                           torch.rand(3, generator=step_generator(0, 10)))
 
 
 def test_resume_paths_and_cpu_precision(tmp_path):
