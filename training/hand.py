@@ -136,15 +136,16 @@ class HandTask:
         """Weights back from a file in our layout (resume)."""
         from safetensors import safe_open
 
-        from ..pipelines.hand_weights import split_checkpoint
+        from ..pipelines.hand_weights import mask_head_from_state_dict, split_checkpoint
         from .base import ldm_to_diffusers
 
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata()
             sd = {k: f.get_tensor(k) for k in f.keys()}
-        unet, head, _ = split_checkpoint(sd, metadata, path)
+        unet, head, meta = split_checkpoint(sd, metadata, path)
         self.unet.load_state_dict(ldm_to_diffusers(self.base.unet_config, unet, path), strict=True)
-        self.head.load_state_dict({f"layers.{k.removeprefix('mask_head.')}": v.float() for k, v in head.items()})
+        loaded = mask_head_from_state_dict(head, meta.get("mask_activation", "clamp"), path)
+        self.head.load_state_dict(loaded.state_dict())
 
     # ---- the objective -------------------------------------------------------------------------------------
     def encode(self, batch: dict, generator: torch.Generator, autocast: Any) -> tuple[Tensor, Tensor]:
