@@ -68,12 +68,7 @@ EXPECTED_SIZES = {
 # Frontend errors that a shipped JSON really has, exactly as the page shows them, with the fix the JSON needs.
 # The test asserts these and nothing else appear, runs everything else, and ends as xfail with the reason; once
 # the JSON is fixed the list no longer matches and the test fails until the entry is removed.
-KNOWN_JSON_ISSUES = {
-    "hand2body": (['toast: Alert\nInvalid workflow against zod schema:\nValidation error: Invalid uuid at "id"'],
-                  'workflows/hand2body.json: top-level "id" is "6f0c2a4e-hand2body-humanref", not a UUID; the '
-                  "frontend's workflow schema check (Comfy.Validation.Workflows) shows an alert toast on every "
-                  "load"),
-}
+KNOWN_JSON_ISSUES: dict[str, tuple[list[str], str]] = {}  # workflow -> (expected frontend complaints, why)
 
 # Console errors a fresh page on a fresh user profile always gets from the frontend itself, before any
 # workflow is touched: the index page's two user.css links, the favicon, and the probes for the user's
