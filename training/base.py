@@ -249,3 +249,36 @@ def ddim_scheduler() -> Any:
 
     return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+class UNetTask:
+    """What both trainers share: a diffusers UNet trained on the base checkpoint's VAE and text encoder with
+    the DDPM schedule of SD1.5. Subclasses set ``unet`` and list their trainable modules in ``modules()``."""
+
+    unet: torch.nn.Module
+
+    def _init_common(self, base: "BaseModel", config: Any) -> None:
+        self.base = base
+        self.config = config
+        self.vae = base.vae
+        self.text = TextEncoder(base.clip)
+        self.scheduler = ddpm_scheduler()
+        self.alphas = self.scheduler.alphas_cumprod.float()
+        self.device = torch.device("cpu")
+
+    def modules(self) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    def to(self, device: torch.device) -> None:
+        self.device = device
+        self.unet.to(device)
+        for module in self.modules():
+            module.to(device)
+        self.vae.to(device)
+        self.alphas = self.alphas.to(device)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        if enabled:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()

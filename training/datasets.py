@@ -160,6 +160,19 @@ def _index(folder: str, root: str, report: Report, extensions: Sequence[str]) ->
     return found
 
 
+def _image_size(path: str, bad: Callable[[str, str], None]) -> Optional[tuple[int, int]]:
+    """(width, height) of a readable image of at least MIN_SIDE px; otherwise reports it and returns None."""
+    try:
+        img = read_image(path)
+    except ValueError as e:
+        bad(path, str(e))
+        return None
+    size = (img.shape[1], img.shape[0])
+    if min(size) < MIN_SIDE:
+        bad(path, f"is {size[0]}x{size[1]}; images need at least {MIN_SIDE} px on each side")
+    return size
+
+
 def _rel(path: str, root: str) -> str:
     return os.path.relpath(path, root)
 
@@ -234,14 +247,7 @@ def check_hand_sample(sample: HandSample, root: str, min_confidence: float = 0.3
     def bad(path: str, message: str) -> None:
         problems.append(Problem(sample.name, _rel(path, root), message))
 
-    size = None
-    try:
-        img = read_image(sample.image)
-        size = (img.shape[1], img.shape[0])
-        if min(size) < MIN_SIDE:
-            bad(sample.image, f"is {size[0]}x{size[1]}; images need at least {MIN_SIDE} px on each side")
-    except ValueError as e:
-        bad(sample.image, str(e))
+    size = _image_size(sample.image, bad)
     if not os.path.isfile(sample.keypoints):
         bad(sample.keypoints, "missing keypoint file (OpenPose JSON with hand_left/right_keypoints_2d)")
     elif size is not None:
@@ -357,14 +363,7 @@ def check_garment_sample(sample: GarmentSample, slots: Sequence[str], root: str)
     def bad(path: str, message: str) -> None:
         problems.append(Problem(sample.name, _rel(path, root), message))
 
-    size = None
-    try:
-        img = read_image(sample.person)
-        size = (img.shape[1], img.shape[0])
-        if min(size) < MIN_SIDE:
-            bad(sample.person, f"is {size[0]}x{size[1]}; images need at least {MIN_SIDE} px on each side")
-    except ValueError as e:
-        bad(sample.person, str(e))
+    size = _image_size(sample.person, bad)
     for slot, garment, region, gmask in zip(slots, sample.garments, sample.regions, sample.garment_masks):
         gsize = None
         if not os.path.isfile(garment):

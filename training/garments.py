@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import BaseModel, TextEncoder, build_unet, ddim_scheduler, ddpm_scheduler, transformer_paths, vae_decode, \
+from .base import BaseModel, UNetTask, build_unet, ddim_scheduler, transformer_paths, vae_decode, \
     vae_encode
 from .garment_model import GarmentAdapters, ReaderPass, WriterPass, grids_for, install, module_widths
 from .losses import localization_loss, texture_loss
@@ -60,12 +60,11 @@ class GarmentTrainConfig:
         return float(self.alpha if self.alpha is not None else self.rank)
 
 
-class GarmentTask:
+class GarmentTask(UNetTask):
     kind = "garments"
 
     def __init__(self, base: BaseModel, config: GarmentTrainConfig, seed: int = 0) -> None:
-        self.base = base
-        self.config = config
+        self._init_common(base, config)
         self.unet = build_unet(base)
         self.unet.requires_grad_(False)
         pairs = transformer_paths(base.unet_config)
@@ -76,11 +75,6 @@ class GarmentTask:
                                         torch.Generator().manual_seed(seed + 4_242))
         install(self.unet, self.adapters, self.diffusers_paths)
         self.levels = len(base.unet_config["channel_mult"])
-        self.vae = base.vae
-        self.text = TextEncoder(base.clip)
-        self.scheduler = ddpm_scheduler()
-        self.alphas = self.scheduler.alphas_cumprod.float()
-        self.device = torch.device("cpu")
 
     # ---- protocol ------------------------------------------------------------------------------------------
     def modules(self) -> list[torch.nn.Module]:
@@ -88,19 +82,6 @@ class GarmentTask:
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.adapters.parameters()), "lr": self.config.lr}]
-
-    def to(self, device: torch.device) -> None:
-        self.device = device
-        self.unet.to(device)
-        self.adapters.to(device)
-        self.vae.to(device)
-        self.alphas = self.alphas.to(device)
-
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        if enabled:
-            self.unet.enable_gradient_checkpointing()
-        else:
-            self.unet.disable_gradient_checkpointing()
 
     def settings(self) -> dict:
         c = self.config

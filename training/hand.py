@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..pipelines.hand_condition import CONDITION_CHANNELS, downscale_condition
 from ..pipelines.hand_weights import ACTIVATIONS, IN_CHANNELS, MaskHead
-from .base import (BaseModel, TextEncoder, build_unet, ddim_scheduler, ddpm_scheduler, decoder_mid_features,
+from .base import (BaseModel, UNetTask, build_unet, ddim_scheduler, decoder_mid_features,
                    vae_decode, vae_encode)
 
 MASK_INPUTS = ("x0-estimate", "clean")
@@ -75,23 +75,17 @@ def condition_preview(condition: Tensor) -> Tensor:
     return torch.stack([torch.maximum(heat, 0.6 * mask), heat, heat], dim=-1).clamp(0, 1)
 
 
-class HandTask:
+class HandTask(UNetTask):
     kind = "hand-generator"
 
     def __init__(self, base: BaseModel, config: HandTrainConfig, seed: int = 0) -> None:
-        self.base = base
-        self.config = config
+        self._init_common(base, config)
         self.unet = build_unet(base, in_channels=IN_CHANNELS)
         widen_conv_in(self.unet, base.unet["conv_in.weight"], config.conv_in_init,
                       torch.Generator().manual_seed(seed + 12_345))
         with torch.random.fork_rng(devices=[]):  # the head's default init, reproducible, global RNG untouched
             torch.manual_seed(seed + 54_321)
             self.head = MaskHead(activation=config.mask_activation)
-        self.vae = base.vae
-        self.text = TextEncoder(base.clip)
-        self.scheduler = ddpm_scheduler()
-        self.alphas = self.scheduler.alphas_cumprod.float()
-        self.device = torch.device("cpu")
 
     # ---- protocol ------------------------------------------------------------------------------------------
     def modules(self) -> list[torch.nn.Module]:
@@ -101,19 +95,6 @@ class HandTask:
         head_lr = self.config.mask_head_lr or self.config.lr
         return [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": self.config.lr},
                 {"params": list(self.head.parameters()), "lr": head_lr}]
-
-    def to(self, device: torch.device) -> None:
-        self.device = device
-        self.unet.to(device)
-        self.head.to(device)
-        self.vae.to(device)
-        self.alphas = self.alphas.to(device)
-
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        if enabled:
-            self.unet.enable_gradient_checkpointing()
-        else:
-            self.unet.disable_gradient_checkpointing()
 
     def settings(self) -> dict:
         c = self.config
