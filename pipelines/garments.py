@@ -26,7 +26,7 @@ from ..attention.blocks import BlockInfo, block_label, walk_transformer_blocks
 from .garment_weights import GarmentWeights, SlotLoRA
 from .images import resize_image, resize_mask, writer_size
 from .reference import host_attention, model_family
-from .writer import WriterGroup, WriterInputs, encode_images, progress_bar, run_writer
+from .writer import WriterGroup, WriterInputs, check_writer_input, encode_images, progress_bar, run_writer
 
 log = logging.getLogger("humanref")
 STASH_KEY = "humanref_garment_attn1_input"
@@ -233,6 +233,7 @@ def build_garment_bank(writer: Any, vae: Any, garments: Sequence[Garment],
     patcher = garment_writer(writer, blocks, rows, weights)
     pbar = progress_bar(2 * len(garments))
     latents = encode_images(vae, model, [g.image for g in garments])
+    check_writer_input(model, latents)
     pbar.update(len(garments))
     inputs = WriterInputs(
         patcher=patcher,

@@ -19,14 +19,15 @@ def assemble_canvas(images: Tensor, masks: Tensor, hands: HandCrops,
     n = len(hands.crops)
     if images.ndim != 4 or images.shape[0] != n:
         raise ValueError(f"hand_images must be the HandGenerator's batch of {n} crop(s), got {tuple(images.shape)}")
+    size = hands.crops[0].size
+    if tuple(images.shape[1:3]) != (size, size):  # before the masks: they are checked against the images
+        raise ValueError(f"hand_images are {images.shape[2]}x{images.shape[1]} but the crops were planned at "
+                         f"{size}x{size}: connect the same HandGenerator's outputs")
     if masks.ndim == 2:
         masks = masks.unsqueeze(0)
-    if masks.shape[0] != n or masks.shape[1:] != images.shape[1:3]:
+    if masks.ndim != 3 or masks.shape[0] != n or masks.shape[1:] != images.shape[1:3]:
         raise ValueError(f"hand_masks must be {n} mask(s) of {images.shape[2]}x{images.shape[1]} (one per crop), "
                          f"got {tuple(masks.shape)}")
-    if images.shape[1] != hands.crops[0].size:
-        raise ValueError(f"hand_images are {images.shape[2]}x{images.shape[1]} but the crops were planned at "
-                         f"{hands.crops[0].size}: connect the same HandGenerator's outputs")
     h, w = hands.height, hands.width
     canvas = torch.empty(h, w, 3)
     canvas[:] = torch.tensor(background, dtype=torch.float32)

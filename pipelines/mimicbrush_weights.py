@@ -51,7 +51,10 @@ def read_checkpoint(path: str) -> dict[str, dict[str, Tensor]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MimicBrush checkpoint {path} does not exist")
     if path.lower().endswith(".safetensors"):
-        flat = comfy.utils.load_torch_file(path, safe_load=True)
+        try:
+            flat = comfy.utils.load_torch_file(path, safe_load=True)
+        except Exception as e:  # noqa: BLE001 - whatever the reader trips over, name the file
+            raise ValueError(f"{name} is not a readable safetensors file ({type(e).__name__}: {e})") from e
         data: Any = {}
         for key, value in flat.items():
             part, _, rest = key.partition(".")
@@ -62,6 +65,9 @@ def read_checkpoint(path: str) -> dict[str, dict[str, Tensor]]:
         except pickle.UnpicklingError as e:
             raise ValueError(f"{name} was refused: it is a pickle that needs code to load (only plain tensor "
                              f"dicts are read, with torch.load(weights_only=True)). Details: {str(e)[:300]}") from e
+        except Exception as e:  # noqa: BLE001 - not a torch file at all (truncated, text, another format)
+            raise ValueError(f"{name} is not a MimicBrush checkpoint: torch.load cannot read it "
+                             f"({type(e).__name__}: {e})") from e
     if not isinstance(data, Mapping):
         raise ValueError(f"{name} is not a MimicBrush checkpoint: expected a dict with the parts {PARTS}, "
                          f"got {type(data).__name__}")

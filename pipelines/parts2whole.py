@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-from ..attention.blocks import BlockKey, block_label, walk_transformer_blocks
+from ..attention.blocks import BlockKey, block_label, describe_architecture, walk_transformer_blocks
 from ..attention.decoupled import MAX_IMAGE_TOKENS, DecoupledTokens, decoupled_cross_attention, pad_image_tokens, project_image_tokens
 from .images import PreparedReference
 from .parts2whole_release import Parts2WholeRelease
 from .pose_guider import PoseGuider
-from .reference import apply_reference_patch, build_reference_bank, host_attention
+from .reference import apply_reference_patch, build_reference_bank, host_attention, model_family
 
 log = logging.getLogger("humanref")
 
@@ -81,6 +81,7 @@ def prepare_parts(parts: Sequence[PartInput], height: int, width: int,
     if mask_source not in MASK_SOURCES:
         raise ValueError(f"mask_source must be one of {MASK_SOURCES}, got {mask_source!r}")
     out: list[PreparedPart] = []
+    counts: list[str] = []
     for part in parts:
         iname, mname, lname = f"image_{part.slot}", f"mask_{part.slot}", f"label_{part.slot}"
         if part.label not in LABELS:
@@ -89,6 +90,7 @@ def prepare_parts(parts: Sequence[PartInput], height: int, width: int,
         if image.ndim != 4 or image.shape[-1] not in (3, 4):
             raise ValueError(f"{iname} must be an IMAGE [batch, height, width, 3 or 4], got {tuple(image.shape)}")
         count, h, w = image.shape[0], image.shape[1], image.shape[2]
+        counts.append(f"{iname}: {count}")
         rgb = image[..., :3].float()
         alpha = image[..., 3].float() if image.shape[-1] == 4 else None
         mask = None
@@ -119,8 +121,9 @@ def prepare_parts(parts: Sequence[PartInput], height: int, width: int,
     if not out:
         raise ValueError("no part images: connect at least one of image_1 ... image_6")
     if len(out) > MAX_PARTS:
-        raise ValueError(f"{len(out)} part images were given but Parts2Whole takes at most {MAX_PARTS} (its "
-                         "decoupled cross-attention has six image tokens); count every image of every batch")
+        raise ValueError(f"{len(out)} part images were given ({', '.join(counts)}) but Parts2Whole takes at most "
+                         f"{MAX_PARTS} (its decoupled cross-attention has six image tokens); count every image of "
+                         "every batch")
     return out
 
 
@@ -277,6 +280,7 @@ def apply_parts2whole(
     if not isinstance(release, Parts2WholeRelease):
         raise ValueError("parts2whole must come from the Parts2Whole loader")
     check_size(width, height)
+    check_same_unet(model, reference_unet)
     prepared = prepare_parts(parts, height, width, mask_source)
     refs = [p.reference for p in prepared]
     if mode == "as released":
@@ -295,6 +299,17 @@ def apply_parts2whole(
     if pose is not None:
         patched.set_model_input_block_patch(PoseFeaturePatch(release.pose_guider, prepare_pose(pose, height, width)))
     return Parts2WholeResult(patched, positive, prepared)
+
+
+def check_same_unet(model: Any, reference_unet: Any) -> None:
+    """The reference UNet feeds every transformer block of the model: both must have the same blocks and widths
+    (the loader's two UNets do), checked here so the message names these two inputs."""
+    blocks = walk_transformer_blocks(model.model.diffusion_model)
+    ref_blocks = walk_transformer_blocks(reference_unet.model.diffusion_model)
+    if [(b.key, b.channels) for b in blocks] != [(b.key, b.channels) for b in ref_blocks]:
+        raise ValueError(f"reference_unet is {describe_architecture(ref_blocks, model_family(reference_unet))} but "
+                         f"model is {describe_architecture(blocks, model_family(model))}: connect the model and reference_unet outputs of the same "
+                         "Parts2Whole Loader")
 
 
 def empty_latent(width: int, height: int, batch_size: int = 1) -> dict:

@@ -28,7 +28,8 @@ from ..attention.kernels import ProjectedReferences, project_references
 from ..attention.masks import region_allowed
 from ..attention.reader import DILUTING_MODES, MODES, ActiveLayer, reference_attention
 from .images import PreparedReference
-from .writer import WriterInputs, encode_images, group_references, label_conds, progress_bar, run_writer
+from .writer import (WriterInputs, check_writer_input, encode_images, group_references, label_conds, progress_bar,
+                     run_writer)
 
 log = logging.getLogger("humanref")
 RUNS_KEY = "humanref_runs"
@@ -52,6 +53,7 @@ def build_reference_bank(
     pbar = progress_bar(len(refs) * (2 if timing == "once at t=0" else 1))
     device = writer.load_device
     latents = encode_images(vae, model, [r.image for r in refs])
+    check_writer_input(model, latents)
     pbar.update(len(refs))
     cond_cache: dict[str, dict[str, Tensor]] = {}
     conds = []

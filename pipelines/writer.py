@@ -176,5 +176,23 @@ def encode_images(vae: Any, model: Any, images: list[Tensor]) -> list[Tensor]:
     return out
 
 
+def unet_in_channels(model: Any) -> Optional[int]:
+    """Input channels of a ComfyUI UNet (BaseModel), or None when it has no conv_in where SD UNets have it."""
+    try:
+        return int(model.diffusion_model.input_blocks[0][0].weight.shape[1])
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+
+def check_writer_input(model: Any, latents: list[Tensor], name: str = "writer") -> None:
+    """The writer runs on the references' latents alone: its UNet must take exactly their channels (an
+    inpainting or MimicBrush UNet wants extra channels and would fail deep inside its first convolution)."""
+    channels = unet_in_channels(model)
+    if channels is not None and latents and channels != latents[0].shape[1]:
+        raise ValueError(f"{name} has a {channels}-channel input but the reference latents have "
+                         f"{latents[0].shape[1]} channels: connect a plain text-to-image UNet (not an inpainting or "
+                         "MimicBrush UNet), for training-free use the checkpoint you sample with")
+
+
 def progress_bar(total: int) -> Any:
     return comfy.utils.ProgressBar(total)

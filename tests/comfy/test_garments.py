@@ -283,3 +283,12 @@ def test_training_free_on_an_sdxl_writer_and_reader(comfy_env, clip_vae):
     plain = ksample(sdxl, sdxl_conds, LATENT, steps=2)
     out = ksample(apply_reference_patch(sdxl, bank, mode="dual", strength=0.7), sdxl_conds, LATENT, steps=2)
     assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-3
+
+
+def test_writer_with_extra_input_channels_is_named(clip_vae):
+    """Found by the bad-input sweep: a 13-channel (MimicBrush) UNet as GarmentsNet failed inside its conv_in."""
+    from humanref.pipelines.synthetic import build_model, sd15_unet_config
+
+    writer = build_model(sd15_unet_config(model_channels=32, channel_mult=(1, 2), in_channels=13), seed=1)
+    with pytest.raises(ValueError, match="writer has a 13-channel input but the reference latents have 4 channels"):
+        build_garment_bank(writer, clip_vae[1], garments(garment_images(2), SLOTS[:2]))

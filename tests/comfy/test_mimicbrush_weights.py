@@ -228,3 +228,14 @@ def test_model_without_mimicbrush_conditioning_fails_clearly(loaded):
     to = {"wrappers": {kind: model.wrappers[kind]}}
     with pytest.raises(ValueError, match="9 extra input channels.*got 0"):
         model.model.apply_model(x, torch.tensor([1.0]), c_crossattn=torch.zeros(1, 257, 768), transformer_options=to)
+
+
+@pytest.mark.parametrize("name, content", [("text.bin", b"this is not a model file\n" * 4), ("empty.bin", b""),
+                                           ("truncated.bin", b"PK\x03\x04" + b"\x00" * 40),
+                                           ("garbage.safetensors", b"\x00" * 64)])
+def test_file_that_is_not_a_model_is_a_clear_error(tmp_path, name, content):
+    """Found by the bad-input sweep: torch.load on a text file raised a bare IndexError."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{name} is not a (MimicBrush checkpoint|readable safetensors file)"):
+        mw.read_checkpoint(str(path))

@@ -127,7 +127,8 @@ def test_bad_input(loaded, clip_vae, conds):
         _apply(loaded, clip_vae, conds, image_1=_img(1), mask_2=torch.ones(1, H, W))
     with pytest.raises(ValueError, match=r"label_1 is 'hat'; Parts2Whole knows only the six labels"):
         _apply(loaded, clip_vae, conds, image_1=_img(1), label_1="hat")
-    with pytest.raises(ValueError, match="7 part images were given but Parts2Whole takes at most 6"):
+    with pytest.raises(ValueError, match=r"7 part images were given \(image_1: 4, image_2: 3\) but Parts2Whole "
+                                         "takes at most 6"):
         _apply(loaded, clip_vae, conds, image_1=torch.cat([_img(i) for i in range(4)]),
                image_2=torch.cat([_img(i) for i in range(3)]))
     with pytest.raises(ValueError, match="pose has 2 images"):
@@ -220,3 +221,14 @@ def test_an_earlier_attn2_replace_is_kept(loaded):
                                        project_image_tokens(pad_image_tokens(tokens), wk, wv), 8, [1, 0], sdpa)
     assert calls and torch.allclose(out, expect, atol=1e-5)
     assert torch.equal(out[0], torch.full_like(q[0], 0.5))  # the negative pass: the earlier result only
+
+
+def test_reference_unet_of_another_model_is_named(loaded, clip_vae, conds):
+    """Found by the bad-input sweep: a reference_unet that does not match the model failed in the bank check, whose
+    message talks about a reference_bank the Parts2Whole node does not have."""
+    from humanref.pipelines.synthetic import build_model, sd15_unet_config
+
+    other = build_model(sd15_unet_config(model_channels=64, channel_mult=(1,)), seed=2)
+    with pytest.raises(ValueError, match=r"reference_unet is SD15 \(.*\) but model is SD15 \(.*\): connect the "
+                                         "model and reference_unet outputs of the same Parts2Whole Loader"):
+        _apply(loaded, clip_vae, conds, image_1=_img(1), reference_unet=other)

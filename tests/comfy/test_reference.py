@@ -248,3 +248,15 @@ def test_custom_blocks_out_of_order_capture_every_block(tiny_model, conds, step_
     out = ksample(patched, conds, LATENT, steps=2)
     assert captured and all(c == wanted for c in captured)
     assert (out - ksample(tiny_model, conds, LATENT, steps=2)).abs().max() > 1e-4
+
+
+def test_writer_with_extra_input_channels_is_named(clip_vae):
+    """Found by the bad-input sweep: an inpainting-style (here 13-channel, MimicBrush's) UNet as the writer failed
+    deep inside its first convolution; now the writer input is named."""
+    from humanref.pipelines.synthetic import build_model, sd15_unet_config
+
+    writer = build_model(sd15_unet_config(model_channels=32, channel_mult=(1, 2), in_channels=13), seed=1)
+    with pytest.raises(ValueError, match="writer has a 13-channel input but the reference latents have 4 channels"):
+        make_bank(writer, clip_vae)
+    with pytest.raises(ValueError, match="writer has a 13-channel input"):
+        make_bank(writer, clip_vae, timing="every step")
