@@ -5,11 +5,13 @@
 
 The workload mixes the five example workflows (workflows/api/*.json, run small on the tiny synthetic models of
 ``python -m humanref tiny-models``) over seeds, reference counts (1 to 6), with and without masks and regions,
-image sizes, writer timings and injection modes. The prompts go out in rounds of one prompt per workflow;
-the first round (each workflow at its largest settings) is the warm-up. What it records:
+image sizes, writer timings and injection modes. The prompts go out in rounds of one prompt per workflow; the
+first two rounds are the warm-up (each workflow at its largest settings, then each workflow's other variants,
+so every code path has run once), the other prompts are then queued back to back in one go. What it records:
 
-* the server process's resident memory (VmRSS of /proc/<pid>/status) when idle after the warm-up round and
-  after the last round (the same workflow ran last both times), after every round, and its peak (VmHWM);
+* the server process's resident memory (VmRSS of /proc/<pid>/status) when idle after the first round, after
+  the warm-up and after the soak (the same workflow ran last each time), after every soak prompt, and its
+  peak (VmHWM);
 * that every prompt completed;
 * an unpatched txt2img prompt (the same checkpoint loader, so ComfyUI's cache hands it the very model object
   the patched prompts were cloned from) run on the fresh server before the soak and again after it: its
@@ -255,15 +257,25 @@ class Job:
         return self.workflow + "(" + ", ".join(f"{k}={v}" for k, v in self.options.items()) + ")"
 
 
-def warmup_round() -> list[Job]:
-    """Each workflow once at the largest settings the soak uses (so later rounds meet no new maximum)."""
-    return [
+def warmup_rounds() -> list[list[Job]]:
+    """Two rounds that run every code path the soak takes once: each workflow at the largest settings the soak
+    uses, then each workflow's other variants (writer timing, trained or training-free, weights, crop, no pose).
+    ComfyUI and the allocator settle on their working set here; the memory baseline is taken after them."""
+    return [[
         Job("reference_portrait", dict(seed=1000, refs=6, masks=True, size=(128, 128))),
         Job("parts2whole", dict(seed=1001, parts=6, masks=True, size=(128, 128))),
         Job("mimicbrush", dict(seed=1002, keep_shape=True)),
         Job("anydressing", dict(seed=1003, garments=6, weights=False, regions=True, masks=True, size=(128, 128))),
         Job("hand2body", dict(seed=1004, size=(128, 192), trained=True)),
-    ]
+    ], [
+        Job("reference_portrait", dict(seed=1005, refs=1, masks=False, size=(64, 64), timing="once at t=0",
+                                       mode="strict", labels=1)),
+        Job("parts2whole", dict(seed=1006, parts=1, masks=False, size=(64, 64), pose=False, labels=1)),
+        Job("mimicbrush", dict(seed=1007, source="soak_source_small.png", mask="soak_mask_small.png",
+                               writer="once at t=0 (fast)", crop_to_mask=True)),
+        Job("anydressing", dict(seed=1008, garments=3, weights=True, regions=False, size=(64, 64))),
+        Job("hand2body", dict(seed=1009, size=(64, 96), trained=False)),
+    ]]
 
 
 def soak_round(r: int) -> list[Job]:
@@ -286,11 +298,15 @@ def soak_round(r: int) -> list[Job]:
     ]
 
 
+WARMUP_ROUNDS = 2
+
+
 def soak_plan(prompts: int = 50) -> list[list[Job]]:
-    """Rounds of five: the warm-up round, then soak rounds 1, 2, ... (prompts must be a multiple of 5)."""
-    if prompts % len(WORKFLOWS) or prompts < 2 * len(WORKFLOWS):
-        raise ValueError(f"prompts must be a multiple of {len(WORKFLOWS)} and at least {2 * len(WORKFLOWS)}")
-    return [warmup_round()] + [soak_round(r) for r in range(1, prompts // len(WORKFLOWS))]
+    """Rounds of five: the two warm-up rounds, then soak rounds 1, 2, ... (prompts: a multiple of 5, >= 15)."""
+    if prompts % len(WORKFLOWS) or prompts < (WARMUP_ROUNDS + 1) * len(WORKFLOWS):
+        raise ValueError(f"prompts must be a multiple of {len(WORKFLOWS)} and at least "
+                         f"{(WARMUP_ROUNDS + 1) * len(WORKFLOWS)}")
+    return warmup_rounds() + [soak_round(r) for r in range(1, prompts // len(WORKFLOWS) - WARMUP_ROUNDS + 1)]
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -340,6 +356,19 @@ def wait_all(client: Any, prompt_ids: list[str], timeout: float, on_done: Option
                     on_done(pid, entry)
         time.sleep(0.25)
     return done
+
+
+def wait_idle(client: Any, timeout: float = 30.0) -> bool:
+    """True once the server answers with an empty queue (an error or interrupt event can reach the client a
+    moment before the prompt leaves queue_running); False after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        queue = client.get_json("/queue")
+        if not queue["queue_running"] and not queue["queue_pending"]:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
 
 
 def failed(entry: dict) -> Optional[str]:
@@ -419,6 +448,7 @@ class SoakResult:
     prompts: int
     failures: list[str] = field(default_factory=list)
     rss_start_kib: int = 0
+    rss_first_round_kib: int = 0
     rss_warm_kib: int = 0
     rss_end_kib: int = 0
     hwm_kib: int = 0
@@ -439,9 +469,12 @@ class SoakResult:
         mib = lambda kib: round(kib / 1024, 1)  # noqa: E731
         return {
             "prompts": self.prompts, "completed": self.prompts - len(self.failures), "failures": self.failures,
-            "vmrss_mib": {"after_start": mib(self.rss_start_kib), "after_warmup": mib(self.rss_warm_kib),
+            "warmup_prompts": WARMUP_ROUNDS * len(WORKFLOWS),
+            "vmrss_mib": {"after_start": mib(self.rss_start_kib), "after_first_round": mib(self.rss_first_round_kib),
+                          "after_warmup": mib(self.rss_warm_kib),
                           "after_soak": mib(self.rss_end_kib), "peak_vmhwm": mib(self.hwm_kib)},
             "growth_after_warmup": round(self.growth, 5), "growth_max": GROWTH_MAX,
+            "growth_after_first_round": round(self.rss_end_kib / self.rss_first_round_kib - 1.0, 5),
             "vmrss_mib_after_each_soak_prompt": [mib(k) for k in self.rss_samples_kib],
             "unpatched_bit_identical": self.plain_identical, "unpatched": self.plain,
             "seconds": {"total": round(self.seconds, 1), "warmup": round(self.warmup_seconds, 1),
@@ -455,7 +488,7 @@ def run_soak(client: Any, pid: int, prompts: int = 50, log: Callable[[str], None
              timeout: float = 1800.0, vae: Optional[str] = FAST_VAE) -> SoakResult:
     """The soak on a fresh server (process id ``pid``) reached through ``client`` (humanref.cli.client).
 
-    The warm-up round (five prompts) is queued back to back and awaited; the server's VmRSS is read when it is
+    The warm-up rounds (ten prompts) are queued back to back and awaited; the server's VmRSS is read when it is
     idle; the other prompts are then queued back to back in one go, and VmRSS is read again once all are done.
     """
     start = time.monotonic()
@@ -485,16 +518,20 @@ def run_soak(client: Any, pid: int, prompts: int = 50, log: Callable[[str], None
 
     t0 = time.monotonic()
     run_batch(rounds[0], sample=False)
+    result.rss_first_round_kib = rss_kib(pid)["VmRSS"]
+    for jobs in rounds[1:WARMUP_ROUNDS]:
+        run_batch(jobs, sample=False)
     result.warmup_seconds = time.monotonic() - t0
     result.rss_warm_kib = rss_kib(pid)["VmRSS"]
-    log(f"warm-up: {len(rounds[0])} prompts in {result.warmup_seconds:.1f} s, VmRSS "
-        f"{result.rss_warm_kib / 1024:.1f} MiB")
+    warm = sum(len(jobs) for jobs in rounds[:WARMUP_ROUNDS])
+    log(f"warm-up: {warm} prompts in {result.warmup_seconds:.1f} s, VmRSS {result.rss_warm_kib / 1024:.1f} MiB "
+        f"(after the first round {result.rss_first_round_kib / 1024:.1f} MiB)")
     t0 = time.monotonic()
-    run_batch([job for jobs in rounds[1:] for job in jobs], sample=True)
+    run_batch([job for jobs in rounds[WARMUP_ROUNDS:] for job in jobs], sample=True)
     result.soak_seconds = time.monotonic() - t0
     mem = rss_kib(pid)
     result.rss_end_kib, result.hwm_kib = mem["VmRSS"], mem["VmHWM"]
-    log(f"soak: {prompts - len(rounds[0])} prompts in {result.soak_seconds:.1f} s, VmRSS "
+    log(f"soak: {prompts - warm} prompts in {result.soak_seconds:.1f} s, VmRSS "
         f"{result.rss_end_kib / 1024:.1f} MiB ({100 * result.growth:+.2f}%), {len(result.failures)} failed")
     after, after_entry = plain_outputs(client, seed=4242, vae=vae)
     result.plain_identical = before["latent"] == after["latent"] and png_pixels(before["image"]) == png_pixels(

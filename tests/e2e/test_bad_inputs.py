@@ -581,19 +581,9 @@ def check(case: Case, stage: str, etype: str, text: str) -> list[str]:
     return problems
 
 
-def served(client, wait: float = 30.0) -> bool:
-    """The server answers and its queue drains (the error event can arrive before the prompt leaves the queue)."""
-    import time
-
-    deadline = time.monotonic() + wait
-    while "system" in client.system_stats():
-        queue = client.get_json("/queue")
-        if not queue["queue_running"] and not queue["queue_pending"]:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return False
+def served(client) -> bool:
+    """The server answers and its queue drains."""
+    return "system" in client.system_stats() and SOAK.wait_idle(client)
 
 
 TALLY: dict[str, list[int]] = {}

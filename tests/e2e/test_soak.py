@@ -3,7 +3,7 @@
 The five example workflows, run small on the tiny models, over seeds, 1 to 6 references or parts or garments,
 with and without masks and regions, several image sizes, both writer timings and every injection mode. Every
 prompt completes; the server's resident memory after the soak is within 5% of its value after the warm-up
-round; and the unpatched txt2img graph gives bit-identical latent and image before and after the soak, on the
+(two rounds: every workflow at its largest settings, then its other variants); and the unpatched txt2img graph gives bit-identical latent and image before and after the soak, on the
 very model object the patched prompts were cloned from (ComfyUI's cache hands it over: the checkpoint loader
 is cached, the sampler runs). Set HUMANREF_SOAK_RESULTS=FILE to keep the figures as JSON (bench/soak.py writes
 bench/results/soak_cpu.json).
