@@ -583,14 +583,25 @@ def soak_models(tiny_models: str, dest: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- script
-def environment(start_load: tuple[float, ...]) -> dict:
+def environment(start_load: tuple[float, ...], comfyui_path: str) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
+    import torch
+
+    comfyui = ""
+    try:
+        with open(os.path.join(comfyui_path, "comfyui_version.py"), encoding="utf-8") as f:
+            comfyui = f.read().split("__version__", 1)[1].split('"')[1]
+    except (OSError, IndexError):
+        pass
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, "comfyui": comfyui,
+            "platform": platform.platform(), "cpu_count": os.cpu_count(), "device": "cpu (--cpu)",
+            "vae": "tiny synthetic TAESD (VAELoader 'taesd') in place of the checkpoint's full-size VAE, except "
+                   "for the trained hand generator's mask head",
             "humanref_commit": commit, "loadavg_start": list(start_load), "loadavg_end": list(os.getloadavg())}
 
 
@@ -620,7 +631,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             client = ComfyClient(server.url, timeout=60)
             result = run_soak(client, server.proc.pid, args.prompts)
     report = {"benchmark": "soak", "command": "python bench/soak.py " + " ".join(argv or sys.argv[1:]),
-              "environment": environment(load), **result.as_json()}
+              "environment": environment(load, args.comfyui), **result.as_json()}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)

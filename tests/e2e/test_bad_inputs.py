@@ -434,6 +434,8 @@ CASES: list[Case] = [
          ("mask", "image")),
     Case("MimicBrushConditioning", "two images", lambda: mb_prompt(image=lambda g, *_: batch(
         g, image(g, "mb_source.png"), 2)), ("image",)),
+    Case("MimicBrushConditioning", "two references", lambda: mb_prompt(reference=lambda g, *_: batch(
+        g, image(g, "mb_reference.png"), 2)), ("reference",)),
     Case("MimicBrushConditioning", "keep_shape without depth", lambda: mb_prompt(keep_shape=True), ("depth",)),
     Case("MimicBrushConditioning", "depth of another aspect ratio",
          lambda: mb_prompt(keep_shape=True, depth=lambda g, *_: image(g, "face.png")), ("depth",)),
@@ -495,6 +497,8 @@ CASES: list[Case] = [
     # ---- GarmentLoRAExtractor
     Case("GarmentLoRAExtractor", "zero garments", lambda: garments_prompt(garments=0), ("garment_1",),
          "validation"),
+    Case("GarmentLoRAExtractor", "a batch of two garments in one input",
+         lambda: garments_prompt(garment_1=lambda g, *_: batch(g, image(g, "garment_upper.png"), 2)), ("garment_1",)),
     Case("GarmentLoRAExtractor", "two garments in one slot", lambda: garments_prompt(slot_2="upper"),
          ("slot_2", "slot_1")),
     Case("GarmentLoRAExtractor", "an empty slot name", lambda: garments_prompt(slot_1=" "), ("slot_1",)),
