@@ -226,7 +226,8 @@ class ReferenceAttnReplace:
                 raise RuntimeError(
                     f"HumanRef: block {block_label(self.key)} got {q.shape[1]} query tokens for a {h}x{w} grid. "
                     "A patch that changes the token layout (HyperTile, Token Merging) is applied to this model; "
-                    "remove it or apply it after sampling with references.")
+                    "reference attention needs one query per latent pixel: remove that patch from the model you "
+                    "sample with references (it can stay on models sampled without them).")
         heads = extra_options["n_heads"]
         return reference_attention(q, k, v, heads, extra_options.get("cond_or_uncond"), active,
                                    host_attention(extra_options))
