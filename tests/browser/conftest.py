@@ -24,7 +24,7 @@ def pytest_runtest_makereport(item, call):
     setattr(item, f"report_{report.when}", report)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser_models(tmp_path_factory) -> Path:
     reuse = os.environ.get("HUMANREF_TINY_MODELS")
     tiny = Path(reuse) if reuse else tmp_path_factory.mktemp("tiny-models")
@@ -36,7 +36,7 @@ def browser_models(tmp_path_factory) -> Path:
     return models
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser_server(browser_models):
     server = make_server(browser_models)
     server.start()
@@ -49,7 +49,7 @@ def browser_server(browser_models):
         assert tmp is None or not os.path.exists(tmp)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser_client(browser_server):
     from humanref.cli.client import ComfyClient
 
@@ -58,7 +58,7 @@ def browser_client(browser_server):
     return client
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # Playwright's event loop must not outlive the browser tier (asyncio.run in later tiers)
 def chromium():
     from playwright.sync_api import sync_playwright
 
