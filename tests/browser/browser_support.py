@@ -356,11 +356,24 @@ class Frontend:
         self.page.wait_for_load_state("networkidle")
 
     def menu(self, *path: str) -> None:
-        """Click through the main menu (the ComfyUI logo): menu('Browse Templates'), menu('File', 'Open')."""
-        self.page.locator(".comfy-menu-button-wrapper").click()
-        for name in path[:-1]:
-            self.page.get_by_role("menuitem", name=name, exact=True).hover()
-        self.page.get_by_role("menuitem", name=path[-1], exact=True).click()
+        """Click through the main menu (the ComfyUI logo): menu('Browse Templates'), menu('File', 'Open').
+
+        A submenu opens on hover; on a loaded machine the hover can land before the menu has finished opening,
+        so the whole path is tried again (menu closed with Escape) before giving up."""
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        for attempt in range(3):
+            try:
+                self.page.locator(".comfy-menu-button-wrapper").click()
+                for name in path[:-1]:
+                    self.page.get_by_role("menuitem", name=name, exact=True).hover()
+                self.page.get_by_role("menuitem", name=path[-1], exact=True).click(timeout=15_000)
+                return
+            except PlaywrightTimeout:
+                if attempt == 2:
+                    raise
+                self.page.keyboard.press("Escape")
+                self.settle()
 
     def wait_for_graph(self, workflow: dict) -> None:
         ids = sorted(n["id"] for n in workflow["nodes"])
