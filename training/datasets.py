@@ -173,6 +173,17 @@ def _image_size(path: str, bad: Callable[[str, str], None]) -> Optional[tuple[in
     return size
 
 
+def _check_caption(path: str, bad: Callable[[str, str], None]) -> None:
+    """Reports a missing or unreadable caption file."""
+    if not os.path.isfile(path):
+        bad(path, "missing caption (captions/<name>.txt)")
+        return
+    try:
+        read_caption(path)
+    except ValueError as e:
+        bad(path, str(e))
+
+
 def _rel(path: str, root: str) -> str:
     return os.path.relpath(path, root)
 
@@ -267,13 +278,7 @@ def check_hand_sample(sample: HandSample, root: str, min_confidence: float = 0.3
                     bad(sample.mask, "is empty (all black): no hand pixels")
             except ValueError as e:
                 bad(sample.mask, str(e))
-    if not os.path.isfile(sample.caption):
-        bad(sample.caption, "missing caption (captions/<name>.txt)")
-    else:
-        try:
-            read_caption(sample.caption)
-        except ValueError as e:
-            bad(sample.caption, str(e))
+    _check_caption(sample.caption, bad)
     return problems
 
 
@@ -399,13 +404,7 @@ def check_garment_sample(sample: GarmentSample, slots: Sequence[str], root: str)
                         bad(gmask, "is empty (all black): it would keep nothing of the garment")
                 except ValueError as e:
                     bad(gmask, str(e))
-    if not os.path.isfile(sample.caption):
-        bad(sample.caption, "missing caption (captions/<name>.txt)")
-    else:
-        try:
-            read_caption(sample.caption)
-        except ValueError as e:
-            bad(sample.caption, str(e))
+    _check_caption(sample.caption, bad)
     return problems
 
 

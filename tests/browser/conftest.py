@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 
 import pytest
-from browser_support import Frontend, install_models, launch_chromium, make_server, prepare_server, VIEWPORT
-from e2e_support import TINY_CKPT, comfyui_path, humanref_cli
+from browser_support import SERVER_ARGS, Frontend, install_models, launch_chromium, prepare_server, VIEWPORT
+from e2e_support import TINY_CKPT, comfyui_path, humanref_cli, running_server
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -38,15 +38,8 @@ def browser_models(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def browser_server(browser_models):
-    server = make_server(browser_models)
-    server.start()
-    try:
+    with running_server(str(browser_models), SERVER_ARGS) as server:
         yield server
-    finally:
-        tmp = server.tmp
-        server.stop()
-        assert not server.alive()
-        assert tmp is None or not os.path.exists(tmp)
 
 
 @pytest.fixture(scope="module")

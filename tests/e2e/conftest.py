@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_support import TINY_CKPT, comfyui_path, humanref_cli
+from e2e_support import TINY_CKPT, comfyui_path, humanref_cli, running_server
 
 
 @pytest.fixture(scope="session")
@@ -37,17 +37,8 @@ def tiny_models(tmp_path_factory, untouched_stamp) -> Path:
 @pytest.fixture(scope="session")
 def comfy_server(tiny_models, untouched_stamp):
     """A running ComfyUI (humanref.cli.server.LocalComfyUI); always stopped at the end of the session."""
-    from humanref.cli.server import LocalComfyUI
-
-    server = LocalComfyUI(comfyui_path(), models=str(tiny_models), start_timeout=180)
-    server.start()
-    try:
+    with running_server(str(tiny_models)) as server:
         yield server
-    finally:
-        tmp = server.tmp
-        server.stop()
-        assert not server.alive()
-        assert tmp is None or not os.path.exists(tmp)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Sequence
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"
@@ -29,3 +31,20 @@ def humanref_cli(*args: str, cwd: Path, timeout: float = CLI_TIMEOUT) -> subproc
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "humanref", *args], cwd=str(cwd), env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@contextmanager
+def running_server(models: str, extra_args: Sequence[str] = ()) -> Iterator:
+    """A private ComfyUI (humanref.cli.server.LocalComfyUI) with these models; always stopped, its temporary
+    folder checked gone afterwards."""
+    from humanref.cli.server import LocalComfyUI
+
+    server = LocalComfyUI(comfyui_path(), models=str(models), extra_args=list(extra_args), start_timeout=180)
+    server.start()
+    try:
+        yield server
+    finally:
+        tmp = server.tmp
+        server.stop()
+        assert not server.alive()
+        assert tmp is None or not os.path.exists(tmp)

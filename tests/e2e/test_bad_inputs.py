@@ -20,7 +20,7 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Callable, Optional  # noqa: E402
 
 import pytest  # noqa: E402
-from e2e_support import comfyui_path  # noqa: E402
+from e2e_support import running_server  # noqa: E402
 from test_soak import load_bench  # noqa: E402
 
 from humanref.cli.client import ExecutionFailed, PromptRejected  # noqa: E402
@@ -101,15 +101,9 @@ def bad_models(tiny_models: str, dest: str) -> str:
 
 @pytest.fixture(scope="module")
 def bad_server(tiny_models, tmp_path_factory):
-    from humanref.cli.server import LocalComfyUI
-
     models = bad_models(str(tiny_models), str(tmp_path_factory.mktemp("bad-models")))
-    server = LocalComfyUI(comfyui_path(), models=models, start_timeout=180)
-    server.start()
-    try:
+    with running_server(models) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

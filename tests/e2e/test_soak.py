@@ -18,7 +18,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
-from e2e_support import REPO, comfyui_path  # noqa: E402
+from e2e_support import REPO, running_server  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -41,15 +41,9 @@ PROMPTS = 50
 @pytest.fixture(scope="module")
 def soak_server(tiny_models, tmp_path_factory):
     """A fresh server: the tiny models plus a tiny synthetic TAESD (models/vae_approx)."""
-    from humanref.cli.server import LocalComfyUI
-
     models = SOAK.soak_models(str(tiny_models), str(tmp_path_factory.mktemp("soak-models")))
-    server = LocalComfyUI(comfyui_path(), models=models, start_timeout=180)
-    server.start()
-    try:
+    with running_server(models) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_the_plan_mixes_workflows_counts_masks_and_sizes():
