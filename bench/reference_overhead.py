@@ -42,6 +42,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from humanref.pipelines.comfy_env import import_comfy
+
 TARGETS = {
     "cached_step_over_floor_max": 1.15,
     "every_step_over_plain_max": 2.0,
@@ -53,15 +55,6 @@ MB = 1e6
 
 
 # --------------------------------------------------------------------------------------------- environment
-def setup_comfy(comfy_path: str) -> None:
-    if comfy_path not in sys.path:
-        sys.path.insert(0, comfy_path)
-    from comfy.cli_args import args
-
-    if not torch.cuda.is_available():
-        args.cpu = True
-
-
 def on_cuda() -> bool:
     return torch.cuda.is_available()
 
@@ -243,7 +236,7 @@ class Bench:
     # ---------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         from humanref.attention.blocks import describe_architecture, walk_transformer_blocks
-        from humanref.pipelines import synthetic as syn
+        from humanref.pipelines.synthetic import base as syn
 
         t0 = now()
         if self.opts.unet == "full":
@@ -266,8 +259,8 @@ class Bench:
         self.phase_s["setup_model_clip_vae"] = now() - t0
 
     def build_banks(self) -> None:
-        from humanref.pipelines.images import prepare_references
-        from humanref.pipelines.reference import apply_reference_patch, build_reference_bank
+        from humanref.pipelines.references.inputs import prepare_references
+        from humanref.pipelines.references.patch import apply_reference_patch, build_reference_bank
 
         t0 = now()
         s = self.size
@@ -644,7 +637,7 @@ class Bench:
     def writer_diagnostics(self, inner: int) -> dict:
         """A writer pass alone per reference count (the per-step cost every-step mode adds besides attention),
         and what stopping the writer's forward right after its last captured block would save (1 reference)."""
-        from humanref.pipelines.writer import run_writer
+        from humanref.pipelines.references.writer import run_writer
 
         out: dict = {}
         with torch.no_grad():
@@ -764,8 +757,8 @@ class Bench:
     # ------------------------------------------------------------------------------------------ bank at 512
     def bank_512(self) -> dict:
         """One unmasked 512x512 reference through the writer: the bank's bytes, as fp16."""
-        from humanref.pipelines.images import prepare_references
-        from humanref.pipelines.reference import build_reference_bank
+        from humanref.pipelines.references.inputs import prepare_references
+        from humanref.pipelines.references.patch import build_reference_bank
 
         t0 = now()
         fp16_conv_probe = None
@@ -921,7 +914,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--threads", type=int, default=-1,
                    help="torch intra-op threads; default 1 on CPU (robust on a shared machine), torch's own on CUDA; "
                         "0 = torch's default")
-    p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", "/opt/ComfyUI"))
+    p.add_argument("--comfyui", default=None, help="ComfyUI folder (default $COMFYUI_PATH or /opt/ComfyUI)")
     p.add_argument("--no-diagnostics", action="store_true")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--no-bank512", action="store_true")
@@ -932,7 +925,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         opts.threads = 0 if torch.cuda.is_available() else 1
     if opts.threads > 0:
         torch.set_num_threads(opts.threads)
-    setup_comfy(opts.comfyui)
+    import_comfy(opts.comfyui, cpu=not torch.cuda.is_available())
     Bench(opts).run()
 
 

@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 REPO = Path(__file__).resolve().parents[1]
 API_DIR = REPO / "workflows" / "api"
 INPUTS = REPO / "workflows" / "inputs"
-WORKFLOWS = ("reference_portrait", "parts2whole", "mimicbrush", "anydressing", "hand2body")
+WORKFLOWS = ("references", "parts2whole", "mimicbrush", "anydressing", "hands")
 GROWTH_MAX = 0.05  # resident memory after the soak / after the warm-up - 1
 
 TINY_CKPT = "humanref-tiny-sd15.safetensors"
@@ -110,11 +110,11 @@ def save_latent(prompt: dict, sampler_id: str, prefix: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- the workloads
-def reference_portrait(seed: int, refs: int = 3, masks: bool = True, size: tuple[int, int] = (128, 192),
+def references(seed: int, refs: int = 3, masks: bool = True, size: tuple[int, int] = (128, 192),
                        steps: int = 2, timing: str = "every step", mode: str = "concat", labels: int = 6) -> dict:
-    """workflows/api/reference_portrait.json with 1..6 references (the example inputs cycled) and ``labels``
+    """workflows/api/references.json with 1..6 references (the example inputs cycled) and ``labels``
     different labels (each label is one CLIP-L encoding in the writer)."""
-    p = load_api("reference_portrait")
+    p = load_api("references")
     p["1"]["inputs"]["ckpt_name"] = TINY_CKPT
     enc = p["8"]["inputs"]
     for i in range(1, 7):
@@ -209,9 +209,9 @@ def anydressing(seed: int, garments: int = 2, weights: bool = True, regions: boo
     return p
 
 
-def hand2body(seed: int, size: tuple[int, int] = (128, 192), trained: bool = False, steps: int = 2,
+def hands(seed: int, size: tuple[int, int] = (128, 192), trained: bool = False, steps: int = 2,
               resolution: int = 64) -> dict:
-    p = load_api("hand2body")
+    p = load_api("hands")
     p["1"]["inputs"]["ckpt_name"] = TINY_CKPT
     p["4"]["inputs"]["control_net_name"] = TINY_CONTROLNET
     p["5"]["inputs"].update(resolution=resolution, steps=2, width=size[0], height=size[1], seed=seed)
@@ -223,8 +223,8 @@ def hand2body(seed: int, size: tuple[int, int] = (128, 192), trained: bool = Fal
 
 
 def plain_txt2img(seed: int, size: tuple[int, int] = (64, 96), steps: int = 3, prefix: str = "soak_plain") -> dict:
-    """The unpatched graph: reference_portrait without its HumanRef nodes, a SaveLatent next to the image."""
-    p = load_api("reference_portrait")
+    """The unpatched graph: references without its HumanRef nodes, a SaveLatent next to the image."""
+    p = load_api("references")
     for nid in ("2", "3", "4", "5", "6", "7", "8", "9"):
         del p[nid]
     p["1"]["inputs"]["ckpt_name"] = TINY_CKPT
@@ -236,8 +236,8 @@ def plain_txt2img(seed: int, size: tuple[int, int] = (64, 96), steps: int = 3, p
 
 
 BUILDERS: dict[str, Callable[..., dict]] = {
-    "reference_portrait": reference_portrait, "parts2whole": parts2whole, "mimicbrush": mimicbrush,
-    "anydressing": anydressing, "hand2body": hand2body,
+    "references": references, "parts2whole": parts2whole, "mimicbrush": mimicbrush,
+    "anydressing": anydressing, "hands": hands,
 }
 
 # the sizes the soak cycles through (all multiples of 64 for the latent grids of the tiny UNet)
@@ -262,19 +262,19 @@ def warmup_rounds() -> list[list[Job]]:
     uses, then each workflow's other variants (writer timing, trained or training-free, weights, crop, no pose).
     ComfyUI and the allocator settle on their working set here; the memory baseline is taken after them."""
     return [[
-        Job("reference_portrait", dict(seed=1000, refs=6, masks=True, size=(128, 128))),
+        Job("references", dict(seed=1000, refs=6, masks=True, size=(128, 128))),
         Job("parts2whole", dict(seed=1001, parts=6, masks=True, size=(128, 128))),
         Job("mimicbrush", dict(seed=1002, keep_shape=True)),
         Job("anydressing", dict(seed=1003, garments=6, weights=False, regions=True, masks=True, size=(128, 128))),
-        Job("hand2body", dict(seed=1004, size=(128, 192), trained=True)),
+        Job("hands", dict(seed=1004, size=(128, 192), trained=True)),
     ], [
-        Job("reference_portrait", dict(seed=1005, refs=1, masks=False, size=(64, 64), timing="once at t=0",
+        Job("references", dict(seed=1005, refs=1, masks=False, size=(64, 64), timing="once at t=0",
                                        mode="strict", labels=1)),
         Job("parts2whole", dict(seed=1006, parts=1, masks=False, size=(64, 64), pose=False, labels=1)),
         Job("mimicbrush", dict(seed=1007, source="soak_source_small.png", mask="soak_mask_small.png",
                                writer="once at t=0 (fast)", crop_to_mask=True)),
         Job("anydressing", dict(seed=1008, garments=3, weights=True, regions=False, size=(64, 64))),
-        Job("hand2body", dict(seed=1009, size=(64, 96), trained=False)),
+        Job("hands", dict(seed=1009, size=(64, 96), trained=False)),
     ]]
 
 
@@ -282,7 +282,7 @@ def soak_round(r: int) -> list[Job]:
     """Round r (1, 2, ...): every workflow once, settings varied by r."""
     size = SIZES[r % len(SIZES)]
     return [
-        Job("reference_portrait", dict(seed=r, refs=1 + r % 6, masks=r % 2 == 0, size=size,
+        Job("references", dict(seed=r, refs=1 + r % 6, masks=r % 2 == 0, size=size,
                                        timing=("every step", "once at t=0")[r % 2],
                                        mode=("concat", "strict", "blend")[r % 3], labels=1 + r % 2)),
         Job("parts2whole", dict(seed=r, parts=1 + (r + 2) % 6, masks=r % 3 != 0,
@@ -294,7 +294,7 @@ def soak_round(r: int) -> list[Job]:
                                keep_shape=r % 4 == 0, crop_to_mask=r % 3 == 0)),
         Job("anydressing", dict(seed=r, garments=1 + r % 3 if r % 2 else 1 + r % 6, weights=r % 2 == 1,
                                 regions=r % 3 != 1, masks=r % 4 == 2, size=size)),
-        Job("hand2body", dict(seed=r, size=((64, 96), (96, 128), (128, 128))[r % 3], trained=r % 3 == 2)),
+        Job("hands", dict(seed=r, size=((64, 96), (96, 128), (128, 128))[r % 3], trained=r % 3 == 2)),
     ]
 
 
@@ -611,7 +611,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--models", help="a folder written by `python -m humanref tiny-models` (default: write one "
                                          "into a temporary folder)")
-    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", "/opt/ComfyUI"))
+    parser.add_argument("--comfyui", default=None, help="ComfyUI folder (default $COMFYUI_PATH or /opt/ComfyUI)")
     args = parser.parse_args(argv)
     from humanref.cli.client import ComfyClient
     from humanref.cli.server import LocalComfyUI
@@ -623,9 +623,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             models = os.path.join(tmp, "models")
             subprocess.run([sys.executable, "-m", "humanref", "tiny-models", models, "--comfyui", args.comfyui],
                            check=True, cwd=tmp)
-        from humanref.cli.tiny_models import prepare_comfy
+        from humanref.pipelines.comfy_env import import_comfy
 
-        prepare_comfy(args.comfyui)  # CPU mode, no bytecode in the ComfyUI folder (for the TAESD layout)
+        import_comfy(args.comfyui)  # CPU mode, no bytecode in the ComfyUI folder (for the TAESD layout)
         models = soak_models(models, os.path.join(tmp, "soak-models"))
         with LocalComfyUI(args.comfyui, models=models, start_timeout=180) as server:
             client = ComfyClient(server.url, timeout=60)

@@ -29,15 +29,9 @@ import sys
 import tempfile
 import time
 
+from humanref.pipelines.comfy_env import import_comfy
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def setup_comfy(path: str, cpu: bool) -> None:
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    from comfy.cli_args import args
-
-    args.cpu = cpu
 
 
 def commit() -> str:
@@ -58,7 +52,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(HERE, "results",
                                                       f"train_hand_generator_{'cuda' if cuda else 'cpu'}.json"))
-    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", "/opt/ComfyUI"))
+    parser.add_argument("--comfyui", default=None, help="ComfyUI folder (default $COMFYUI_PATH or /opt/ComfyUI)")
     parser.add_argument("--steps", type=int, default=10 if cuda else 3, help="measured steps")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the measurement")
     parser.add_argument("--batch-size", type=int, default=8 if cuda else 2)
@@ -68,16 +62,16 @@ def main(argv=None) -> int:
     parser.add_argument("--unet", choices=("full", "tiny"), default="full" if cuda else "tiny")
     parser.add_argument("--workers", type=int, default=4 if cuda else 0)
     args = parser.parse_args(argv)
-    setup_comfy(args.comfyui, cpu=not cuda)
+    import_comfy(args.comfyui, cpu=not cuda)
     if not cuda:
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-    from humanref.cli.tiny_models import tiny_sd15_unet_config
-    from humanref.pipelines.synthetic import load_test_clip_vae, random_like, sd15_unet_config, unet_shapes
+    from humanref.pipelines.synthetic.base import tiny_sd15_unet_config
+    from humanref.pipelines.synthetic.base import load_test_clip_vae, random_like, sd15_unet_config, unet_shapes
     from humanref.training.base import base_from_state_dict
     from humanref.training.datasets import hand_samples, validate_hand_dataset
-    from humanref.training.hand import HandTask, HandTrainConfig
-    from humanref.training.hand_data import HandDataConfig, HandDataset, collate
+    from humanref.training.hands.trainer import HandTask, HandTrainConfig
+    from humanref.training.hands.data import HandDataConfig, HandDataset, collate
     from humanref.training.loop import LoopConfig, resolve_precision, train
     from humanref.training.synthetic import write_hand_dataset
 

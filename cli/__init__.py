@@ -46,8 +46,8 @@ Run `python -m humanref COMMAND --help` for every option.
 
 RUN_EPILOG = """\
 examples:
-  python -m humanref run workflows/api/reference_portrait.json --server http://127.0.0.1:8188
-  python -m humanref run workflows/reference_portrait.json --comfyui /opt/ComfyUI --models ./tiny \\
+  python -m humanref run workflows/api/references.json --server http://127.0.0.1:8188
+  python -m humanref run workflows/references.json --comfyui /opt/ComfyUI --models ./tiny \\
       --inputs workflows/inputs --set 1.ckpt_name=humanref-tiny-sd15.safetensors --set 13.steps=4
   python -m humanref run wf.json --server http://127.0.0.1:8188 --set 2.image=face.png --set KSampler.seed=7
 
@@ -204,11 +204,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_models(args: argparse.Namespace) -> int:
-    from .server import default_comfyui_path
     from .tiny_models import write_tiny_models
 
     try:
-        write_tiny_models(os.path.abspath(args.directory), args.comfyui or default_comfyui_path(), force=args.force)
+        write_tiny_models(os.path.abspath(args.directory), args.comfyui, force=args.force)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -218,9 +217,9 @@ def cmd_tiny_models(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["convert-hand-generator"]:  # its own parser (options may come first, e.g. --help)
-        from ..pipelines.hand_weights import main as convert_main
+        from .convert_hand_generator import main as convert_main
 
-        return convert_main(argv[1:], prog="python -m humanref convert-hand-generator")
+        return convert_main(argv[1:])
     if argv[:1] == ["train"]:  # its own parser with subcommands (training.cli)
         from ..training.cli import main as train_main
 

@@ -21,6 +21,8 @@ import urllib.request
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..pipelines.comfy_env import comfyui_path
+
 PACK_ROOT = Path(__file__).resolve().parent.parent
 PACK_NAME = "humanref"
 
@@ -34,10 +36,6 @@ MODEL_FOLDER_NAMES = (
 
 class ServerError(RuntimeError):
     """The server could not be started (the message carries the end of its log)."""
-
-
-def default_comfyui_path() -> str:
-    return os.environ.get("COMFYUI_PATH", "/opt/ComfyUI")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -91,7 +89,7 @@ class LocalComfyUI:
     def __init__(self, comfyui: Optional[str] = None, models: Optional[str] = None, cpu: Optional[bool] = None,
                  extra_args: Sequence[str] = (), start_timeout: float = 180.0, log_path: Optional[str] = None,
                  python: Optional[str] = None, quiet: bool = False):
-        self.comfyui = os.path.abspath(comfyui or default_comfyui_path())
+        self.comfyui = comfyui_path(comfyui)
         self.models = os.path.abspath(models) if models else None
         self.cpu = cpu
         self.extra_args = list(extra_args)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..pipelines.hand_canvas import assemble_canvas, body_skeleton
+from ..pipelines.hands.canvas import assemble_canvas, body_skeleton
 from .hand_generator import HandCropsType
 
 

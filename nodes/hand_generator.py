@@ -4,8 +4,8 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..pipelines.hand_generator import SamplingOptions, generate_trained, generate_training_free, plan, skeletons
-from ..pipelines.keypoints import COORDINATES, parse_pose, select_person
+from ..pipelines.hands.generator import SamplingOptions, generate_trained, generate_training_free, plan, skeletons
+from ..pipelines.hands.keypoints import COORDINATES, parse_pose, select_person
 
 PoseKeypointType = io.Custom("POSE_KEYPOINT")  # comfyui_controlnet_aux's type name
 HandCropsType = io.Custom("HUMANREF_HAND_CROPS")
@@ -39,7 +39,7 @@ class HandGeneratorLoader(io.ComfyNode):
     def execute(cls, hand_generator_name) -> io.NodeOutput:
         import folder_paths
 
-        from ..pipelines.hand_weights import load_hand_generator
+        from ..pipelines.hands.weights import load_hand_generator
 
         path = folder_paths.get_full_path_or_raise(FOLDER, hand_generator_name)
         return io.NodeOutput(load_hand_generator(path, hand_generator_name))

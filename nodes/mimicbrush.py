@@ -4,8 +4,8 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from ..pipelines.mimicbrush import WRITER_MODES, paste_result, setup_mimicbrush
-from ..pipelines.mimicbrush_weights import load_mimicbrush
+from ..pipelines.mimicbrush.pipeline import WRITER_MODES, paste_result, setup_mimicbrush
+from ..pipelines.mimicbrush.weights import load_mimicbrush
 
 MimicBrushType = io.Custom("MIMICBRUSH")
 MimicBrushEditType = io.Custom("MIMICBRUSH_EDIT")

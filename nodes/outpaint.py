@@ -4,8 +4,8 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..pipelines.mask_expand import BLENDINGS, SCHEDULES
-from ..pipelines.outpaint import OutpaintOptions, outpaint
+from ..pipelines.hands.mask_expand import BLENDINGS, SCHEDULES
+from ..pipelines.hands.outpaint import OutpaintOptions, outpaint
 
 
 class SequentialMaskExpandOutpaint(io.ComfyNode):

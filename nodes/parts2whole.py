@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..pipelines.parts2whole import (DEFAULT_HEIGHT, DEFAULT_WIDTH, LABELS, MASK_SOURCES, MAX_PARTS, MODES, PartInput,
+from ..pipelines.parts2whole.pipeline import (DEFAULT_HEIGHT, DEFAULT_WIDTH, LABELS, MASK_SOURCES, MAX_PARTS, MODES, PartInput,
                                      apply_parts2whole, empty_latent)
-from ..pipelines.parts2whole_release import list_releases, load_release, release_path
+from ..pipelines.parts2whole.release import list_releases, load_release, release_path
 
 Parts2WholeType = io.Custom("PARTS2WHOLE")
 DTYPES = {"default": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -5,8 +5,8 @@ from comfy_api.latest import io
 
 from ..attention.bank import MAX_REFERENCES, TIMINGS
 from ..attention.masks import MASK_RULES
-from ..pipelines.images import prepare_references
-from ..pipelines.reference import build_reference_bank
+from ..pipelines.references.inputs import prepare_references
+from ..pipelines.references.patch import build_reference_bank
 from .types import ReferenceBankType
 
 SLOTS = MAX_REFERENCES

@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..attention.blocks import BLOCK_SETS
-from ..pipelines.reference import apply_reference_patch
+from ..pipelines.references.patch import apply_reference_patch
 from .types import ReferenceBankType
 
 NODE_MODES = ("concat", "strict", "blend", "dual")

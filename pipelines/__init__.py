@@ -1,0 +1,13 @@
+"""The pack's ComfyUI-side code, one folder per method on a shared engine.
+
+    references/   the engine on a ComfyUI model: reference inputs, the writer pass, the bank, the attn1 patch
+    parts2whole/  Parts2Whole: the official release's loader, its pose guider, the pipeline on the engine
+    mimicbrush/   MimicBrush: mimicbrush.bin loader, depth guider, image preparation and paste, the pipeline
+    hands/        "Giving a Hand to Diffusion Models": keypoints, hand generator, canvas, mask-expanding outpaint
+    anydressing/  AnyDressing: the garment bank (GarmentsNet writer) and the garment-weights format
+    loading/      weight files and diffusers <-> ComfyUI UNet layouts, shared by the loaders
+    synthetic/    random-weight models in the real key layouts (tests, ``python -m humanref tiny-models``)
+
+A method's folder imports ``references/`` and ``loading/`` but never another method's folder; nothing here
+imports the pack's ``nodes/`` or ``cli/`` (ComfyUI's own ``nodes`` module is imported as ``comfy_nodes``).
+"""

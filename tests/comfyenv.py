@@ -1,16 +1,15 @@
-"""Finding ComfyUI for the comfy and e2e tiers: COMFYUI_PATH, default /opt/ComfyUI; skip visibly without it."""
+"""Finding ComfyUI for the comfy, e2e and browser tiers: COMFYUI_PATH, default /opt/ComfyUI; skip visibly without it."""
 from __future__ import annotations
-
-import os
-import sys
 
 import pytest
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "/opt/ComfyUI")
+from humanref.pipelines.comfy_env import comfyui_path, import_comfy, is_comfyui
+
+COMFYUI_PATH = comfyui_path()
 
 
 def comfy_available() -> bool:
-    return os.path.isfile(os.path.join(COMFYUI_PATH, "main.py"))
+    return is_comfyui(COMFYUI_PATH)
 
 
 def require_comfy() -> str:
@@ -18,9 +17,4 @@ def require_comfy() -> str:
     if not comfy_available():
         pytest.skip(f"ComfyUI not found at {COMFYUI_PATH}: set COMFYUI_PATH to a ComfyUI 0.8.0 checkout",
                     allow_module_level=True)
-    if COMFYUI_PATH not in sys.path:
-        sys.path.insert(0, COMFYUI_PATH)
-    from comfy.cli_args import args
-
-    args.cpu = True
-    return COMFYUI_PATH
+    return import_comfy(COMFYUI_PATH, cpu=True)

@@ -22,21 +22,6 @@ SD15_SCALE = 0.18215  # comfy.latent_formats.SD15().scale_factor
 UNET_PREFIX = "model.diffusion_model."
 
 
-def import_comfy(comfyui: Optional[str] = None, cpu: bool = True) -> None:
-    """Make ComfyUI importable (its model management in CPU mode only when training on the CPU)."""
-    if "comfy.model_management" in sys.modules:  # already imported by the host (tests, ComfyUI itself)
-        return
-    path = os.path.abspath(comfyui or os.environ.get("COMFYUI_PATH", "/opt/ComfyUI"))
-    if not os.path.isfile(os.path.join(path, "main.py")):
-        raise FileNotFoundError(f"no ComfyUI at {path} (main.py not found): give --comfyui PATH or set COMFYUI_PATH")
-    sys.dont_write_bytecode = True
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    from comfy.cli_args import args
-
-    args.cpu = cpu
-
-
 @dataclass(eq=False)
 class BaseModel:
     """What a trainer takes from the checkpoint. ``unet`` holds diffusers-named weights (not a module yet)."""

@@ -199,8 +199,8 @@ def _work_dir(args: argparse.Namespace, out: str) -> str:
 
 def cmd_hand(args: argparse.Namespace) -> int:
     from .augment import ColorAugment
-    from .hand import HandTrainConfig
-    from .hand_data import HandDataConfig
+    from .hands.trainer import HandTrainConfig
+    from .hands.data import HandDataConfig
 
     out = None if args.validate_only else _check_out(args)  # before the (long) validation pass
     train_config = HandTrainConfig(lr=args.lr, mask_head_lr=args.mask_head_lr, mask_weight=args.mask_weight,
@@ -233,9 +233,10 @@ def cmd_hand(args: argparse.Namespace) -> int:
     data_config = HandDataConfig(resolution=args.resolution, crop=args.crop, crop_scale=args.crop_scale,
                                  sigma=args.heatmap_sigma or None, min_confidence=args.min_confidence,
                                  mask_source=mask_source, mask_dropout=args.mask_dropout, augment=augment)
-    from .base import import_comfy, load_base
-    from .hand import HandTask
-    from .hand_data import HandDataset, collate
+    from ..pipelines.comfy_env import import_comfy
+    from .base import load_base
+    from .hands.trainer import HandTask
+    from .hands.data import HandDataset, collate
     from .loop import resolve_device, train
 
     loop = _loop_config(args, _work_dir(args, out))
@@ -253,8 +254,8 @@ def cmd_hand(args: argparse.Namespace) -> int:
 
 def cmd_garments(args: argparse.Namespace) -> int:
     from .datasets import garment_samples, parse_slots, validate_garment_dataset
-    from .garment_data import GarmentDataConfig
-    from .garments import GarmentTrainConfig
+    from .anydressing.data import GarmentDataConfig
+    from .anydressing.trainer import GarmentTrainConfig
 
     out = None if args.validate_only else _check_out(args)
     slots = parse_slots(args.slots)
@@ -282,9 +283,10 @@ def cmd_garments(args: argparse.Namespace) -> int:
         samples = [s for s in garment_samples(args.data, slots)[0] if s.name in usable]
     if args.validate_only:
         return EXIT_OK
-    from .base import import_comfy, load_base
-    from .garment_data import GarmentDataset
-    from .garments import GarmentTask, collate
+    from ..pipelines.comfy_env import import_comfy
+    from .base import load_base
+    from .anydressing.data import GarmentDataset
+    from .anydressing.trainer import GarmentTask, collate
     from .loop import resolve_device, train
 
     loop = _loop_config(args, _work_dir(args, out))

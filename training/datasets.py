@@ -122,7 +122,7 @@ def read_caption(path: str) -> str:
 
 def read_pose(path: str, width: int, height: int, min_confidence: float = 0.3):
     """The first person with a hand in an OpenPose JSON file, in pixels (from pipelines.keypoints)."""
-    from ..pipelines.keypoints import MIN_HAND_POINTS, parse_pose
+    from ..pipelines.hands.keypoints import MIN_HAND_POINTS, parse_pose
 
     try:
         with open(path, encoding="utf-8") as f:

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..pipelines.hand_draw import keypoint_hand_mask
+from ..pipelines.hands.draw import keypoint_hand_mask
 
 
 def save_image(image: Tensor, path: str) -> None:

@@ -49,19 +49,19 @@ MODEL_LOADERS = {
 # What a CPU user edits after loading: small images, few steps (node id -> widget name -> value). Nothing else
 # changes; model names, prompts, seeds and every other setting stay as shipped.
 SMALL_RUN = {
-    "reference_portrait": {12: {"width": 128, "height": 192}, 13: {"steps": 3}},
+    "references": {12: {"width": 128, "height": 192}, 13: {"steps": 3}},
     "parts2whole": {12: {"width": 64, "height": 96}, 13: {"steps": 3}},
     "mimicbrush": {7: {"resolution": 256}, 8: {"steps": 2}},
-    "hand2body": {5: {"resolution": 64, "steps": 2, "width": 128, "height": 192}, 9: {"steps": 3}},
+    "hands": {5: {"resolution": 64, "steps": 2, "width": 128, "height": 192}, 9: {"steps": 3}},
     "anydressing": {14: {"width": 128, "height": 192}, 15: {"steps": 3}},
 }
 
 # The sizes of the images each small run saves (SaveImage outputs, sorted).
 EXPECTED_SIZES = {
-    "reference_portrait": [(128, 192)],
+    "references": [(128, 192)],
     "parts2whole": [(64, 96)],
     "mimicbrush": None,  # pasted back at the source image's size: filled in by expected_sizes()
-    "hand2body": [(64, 64), (64, 64), (128, 192)],  # two hand crops and the outpainted body
+    "hands": [(64, 64), (64, 64), (128, 192)],  # two hand crops and the outpainted body
     "anydressing": [(128, 192)],
 }
 

@@ -164,9 +164,9 @@ def test_workflow_opens_cleanly_and_runs_from_the_page(name, frontend, browser_c
         pytest.xfail(reason)
 
 
-def broken_reference_portrait() -> dict:
-    """reference_portrait.json with one fault of each kind the checks above look for."""
-    graph = load_workflow("reference_portrait")
+def broken_references() -> dict:
+    """references.json with one fault of each kind the checks above look for."""
+    graph = load_workflow("references")
     nodes = {n["id"]: n for n in graph["nodes"]}
     nodes[9]["type"] = "HumanRef_NoSuchNode"  # a node type the server does not have
     nodes[2]["widgets_values"][0] = "no-such-image.png"  # a combo value that is not an option
@@ -186,7 +186,7 @@ def test_the_checks_catch_a_broken_graph(frontend, tmp_path):
     """The checks can fail: a copy of a workflow with a missing node type, a bad combo value, a widget value
     too few, a link between mismatched types and an open required input is reported for each."""
     path = tmp_path / "broken.json"
-    broken = broken_reference_portrait()
+    broken = broken_references()
     path.write_text(json.dumps(broken))
     frontend.open()
     mark = frontend.mark()

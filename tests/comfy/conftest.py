@@ -15,7 +15,7 @@ def comfy_env():
 
 @pytest.fixture(scope="session")
 def clip_vae(comfy_env):
-    from humanref.pipelines.synthetic import load_test_clip_vae
+    from humanref.pipelines.synthetic.base import load_test_clip_vae
 
     return load_test_clip_vae(seed=3)
 
@@ -23,7 +23,7 @@ def clip_vae(comfy_env):
 @pytest.fixture(scope="session")
 def tiny_model(comfy_env):
     """A small SD15 ModelPatcher (7 transformer blocks at widths 32/64) with random weights."""
-    from humanref.pipelines.synthetic import build_model, sd15_unet_config
+    from humanref.pipelines.synthetic.base import build_model, sd15_unet_config
 
     return build_model(sd15_unet_config(model_channels=32, channel_mult=(1, 2)), seed=1)
 
@@ -48,7 +48,7 @@ def controlnet(comfy_env):
     import comfy.cldm.cldm
     import comfy.controlnet
     import comfy.ops
-    from humanref.pipelines.synthetic import controlnet_state_dict, sd15_unet_config
+    from humanref.pipelines.synthetic.base import controlnet_state_dict, sd15_unet_config
 
     cfg = sd15_unet_config(model_channels=32, channel_mult=(1, 2))
     sd = controlnet_state_dict(cfg, seed=5, dtype=torch.float32)

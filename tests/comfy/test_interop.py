@@ -9,17 +9,18 @@ from comfyenv import require_comfy
 require_comfy()
 
 from helpers import ksample  # noqa: E402
-from test_reference import LATENT, make_bank  # noqa: E402
-from humanref.pipelines.reference import apply_reference_patch  # noqa: E402
+from test_references_patch import LATENT, make_bank  # noqa: E402
+from humanref.pipelines.references.patch import apply_reference_patch  # noqa: E402
 
 
 def test_tiny_controlnet_file_loads_through_comfy(comfy_env):
     """The tiny-models ControlNet (control_model.* layout, 320 channels) is detected and loaded by ComfyUI."""
     import comfy.controlnet
-    from humanref.cli.tiny_models import _controlnet, tiny_sd15_unet_config
-    from humanref.pipelines.synthetic import controlnet_shapes
+    from humanref.pipelines.synthetic.base import tiny_sd15_unet_config
+    from humanref.pipelines.synthetic.tiny import tiny_controlnet
+    from humanref.pipelines.synthetic.base import controlnet_shapes
 
-    sd = _controlnet()
+    sd = tiny_controlnet()
     control = comfy.controlnet.load_controlnet_state_dict(sd)
     assert isinstance(control, comfy.controlnet.ControlNet)
     loaded = control.control_model.state_dict()
@@ -165,7 +166,7 @@ def test_lora_reaches_the_reference_projection(tiny_model, clip_vae, conds, two_
     """The reader projects the references through the LoRA-patched to_k/to_v at sampling time: a LoRA on attn1
     loaded by ComfyUI gives the same patched result as a model whose weights were merged by hand (W + up @ down);
     stale, unpatched projection weights would not."""
-    from humanref.pipelines.synthetic import build_model, sd15_unet_config
+    from humanref.pipelines.synthetic.base import build_model, sd15_unet_config
 
     bank_a, _ = two_banks
     lora = {k: v for k, v in tiny_lora(tiny_model).items() if ".attn1.to_k" in k or ".attn1.to_v" in k}

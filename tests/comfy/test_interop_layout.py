@@ -19,8 +19,8 @@ from comfyenv import require_comfy
 require_comfy()
 
 from helpers import ksample  # noqa: E402
-from test_reference import LATENT, make_bank  # noqa: E402
-from humanref.pipelines.reference import apply_reference_patch  # noqa: E402
+from test_references_patch import LATENT, make_bank  # noqa: E402
+from humanref.pipelines.references.patch import apply_reference_patch  # noqa: E402
 
 LAYOUT_MESSAGE = r"HumanRef: block \S+ got \d+ query tokens for a \d+x\d+ grid\. A patch that changes the token layout"
 

@@ -10,7 +10,7 @@ from comfyenv import require_comfy
 require_comfy()
 
 from humanref.nodes.mimicbrush import MimicBrushConditioning, MimicBrushLoader, MimicBrushPaste  # noqa: E402
-from humanref.pipelines.mimicbrush_images import blur_mask  # noqa: E402
+from humanref.pipelines.mimicbrush.images import blur_mask  # noqa: E402
 
 RES = 64
 OPTS = dict(keep_shape=False, writer="once at t=0 (fast)", resolution=RES, crop_to_mask=False, crop_margin=16,
@@ -21,7 +21,7 @@ OPTS = dict(keep_shape=False, writer="once at t=0 (fast)", resolution=RES, crop_
 def loaded(tmp_path_factory, comfy_env):
     import folder_paths
 
-    from humanref.pipelines.synthetic_mimicbrush import mimicbrush_checkpoint
+    from humanref.pipelines.synthetic.mimicbrush import mimicbrush_checkpoint
 
     folder = tmp_path_factory.mktemp("models_mimicbrush")
     torch.save(mimicbrush_checkpoint(seed=9), str(folder / "mimicbrush.bin"))

@@ -29,7 +29,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, comfy_env):
-    from humanref.pipelines.synthetic_mimicbrush import mimicbrush_checkpoint
+    from humanref.pipelines.synthetic.mimicbrush import mimicbrush_checkpoint
 
     data = mimicbrush_checkpoint(seed=5, dtype=torch.float32)
     path = tmp_path_factory.mktemp("mbp") / "mimicbrush.bin"
@@ -84,7 +84,7 @@ def official_eps(data, x_t, t, ref_latent, ref_pixels, mask, masked_latent, dept
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
     from PIL import Image
 
-    from humanref.pipelines.synthetic_mimicbrush import TINY_CLIP_VISION
+    from humanref.pipelines.synthetic.mimicbrush import TINY_CLIP_VISION
 
     cfg = dict(sample_size=RES // 8, out_channels=4, layers_per_block=1, block_out_channels=(320,),
                down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
@@ -128,9 +128,9 @@ def official_eps(data, x_t, t, ref_latent, ref_pixels, mask, masked_latent, dept
 def test_one_unet_evaluation_matches_official_semantics(checkpoint, clip_vae):
     import nodes
 
-    from humanref.pipelines.mimicbrush import setup_mimicbrush
-    from humanref.pipelines.mimicbrush_weights import load_mimicbrush
-    from humanref.pipelines.mimicbrush_images import resize_square
+    from humanref.pipelines.mimicbrush.pipeline import setup_mimicbrush
+    from humanref.pipelines.mimicbrush.weights import load_mimicbrush
+    from humanref.pipelines.mimicbrush.images import resize_square
 
     path, data = checkpoint
     _, vae = clip_vae

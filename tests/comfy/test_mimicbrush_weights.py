@@ -17,9 +17,9 @@ from comfyenv import require_comfy
 
 require_comfy()
 
-from humanref.pipelines import mimicbrush_weights as mw  # noqa: E402
-from humanref.pipelines import synthetic_mimicbrush as smb  # noqa: E402
-from humanref.pipelines.synthetic import sd15_unet_config, unet_shapes  # noqa: E402
+from humanref.pipelines.mimicbrush import weights as mw  # noqa: E402
+from humanref.pipelines.synthetic import mimicbrush as smb  # noqa: E402
+from humanref.pipelines.synthetic.base import sd15_unet_config, unet_shapes  # noqa: E402
 
 STRIPPED_TENSORS = ("attn1.to_q.weight", "attn1.to_k.weight", "attn1.to_v.weight", "attn1.to_out.0.weight",
                     "attn1.to_out.0.bias", "norm2.weight", "norm2.bias", "attn2.to_q.weight", "attn2.to_k.weight",

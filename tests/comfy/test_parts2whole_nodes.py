@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from helpers import ksample  # noqa: E402
-from humanref.pipelines.parts2whole import (LABELS, MASK_SOURCES, PartInput, PoseFeaturePatch,  # noqa: E402
+from humanref.pipelines.parts2whole.pipeline import (LABELS, MASK_SOURCES, PartInput, PoseFeaturePatch,  # noqa: E402
                                             prepare_parts, prepare_pose)
 
 W, H = 48, 64
@@ -20,7 +20,7 @@ W, H = 48, 64
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory, comfy_env):
-    from humanref.pipelines.synthetic_parts2whole import tiny_release_unet_config, write_release
+    from humanref.pipelines.synthetic.parts2whole import tiny_release_unet_config, write_release
 
     base = tmp_path_factory.mktemp("models") / "parts2whole"
     write_release(str(base / "tiny"), tiny_release_unet_config(), seed=9)
@@ -172,7 +172,7 @@ def test_preprocessing_matches_pil():
 
 
 def test_pose_resizing(caplog):
-    from humanref.pipelines.pose_guider import PoseGuider
+    from humanref.pipelines.parts2whole.pose_guider import PoseGuider
 
     pose = prepare_pose(_img(1, (100, 80)), H, W)
     assert pose.shape == (1, 3, H, W)
@@ -192,7 +192,7 @@ def test_pose_resizing(caplog):
 def test_an_earlier_attn2_replace_is_kept(loaded):
     """An attn2 replace set before (IP-Adapter style) gives the text part; the image term is added to it."""
     from humanref.attention.decoupled import decoupled_cross_attention, pad_image_tokens, project_image_tokens
-    from humanref.pipelines.parts2whole import DecoupledAttn2Replace, apply_decoupled
+    from humanref.pipelines.parts2whole.pipeline import DecoupledAttn2Replace, apply_decoupled
 
     model, _, _, release = loaded
     calls = []
@@ -226,7 +226,7 @@ def test_an_earlier_attn2_replace_is_kept(loaded):
 def test_reference_unet_of_another_model_is_named(loaded, clip_vae, conds):
     """Found by the bad-input sweep: a reference_unet that does not match the model failed in the bank check, whose
     message talks about a reference_bank the Parts2Whole node does not have."""
-    from humanref.pipelines.synthetic import build_model, sd15_unet_config
+    from humanref.pipelines.synthetic.base import build_model, sd15_unet_config
 
     other = build_model(sd15_unet_config(model_channels=64, channel_mult=(1,)), seed=2)
     with pytest.raises(ValueError, match=r"reference_unet is SD15 \(.*\) but model is SD15 \(.*\): connect the "

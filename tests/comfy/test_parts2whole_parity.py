@@ -29,7 +29,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory, comfy_env):
-    from humanref.pipelines.synthetic_parts2whole import tiny_release_unet_config, write_release
+    from humanref.pipelines.synthetic.parts2whole import tiny_release_unet_config, write_release
 
     path = tmp_path_factory.mktemp("p2w") / "release"
     written = write_release(str(path), tiny_release_unet_config(), seed=21)
@@ -160,8 +160,8 @@ def test_one_unet_evaluation_matches_official_semantics(release, clip_vae, conds
     import nodes
     from diffusers import DDIMScheduler
 
-    from humanref.pipelines.parts2whole import PartInput, apply_parts2whole
-    from humanref.pipelines.parts2whole_release import load_release
+    from humanref.pipelines.parts2whole.pipeline import PartInput, apply_parts2whole
+    from humanref.pipelines.parts2whole.release import load_release
 
     path, written = release
     clip, vae = clip_vae

@@ -8,10 +8,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from humanref.pipelines.comfy_env import comfyui_path
+
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"
-API_WORKFLOW = WORKFLOWS / "api" / "reference_portrait.json"
-UI_WORKFLOW = WORKFLOWS / "reference_portrait.json"
+API_WORKFLOW = WORKFLOWS / "api" / "references.json"
+UI_WORKFLOW = WORKFLOWS / "references.json"
 INPUTS = WORKFLOWS / "inputs"
 TINY_CKPT = "humanref-tiny-sd15.safetensors"
 
@@ -20,10 +22,6 @@ SMALL = ["--set", f"1.ckpt_name={TINY_CKPT}", "--set", "12.width=128", "--set", 
          "--set", "13.steps=3"]
 
 CLI_TIMEOUT = 300  # seconds for one `python -m humanref ...` process
-
-
-def comfyui_path() -> str:
-    return os.environ.get("COMFYUI_PATH", "/opt/ComfyUI")
 
 
 def humanref_cli(*args: str, cwd: Path, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:

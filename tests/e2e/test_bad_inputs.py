@@ -29,7 +29,7 @@ pytestmark = pytest.mark.e2e
 
 SOAK = load_bench("soak")
 TINY_CKPT = SOAK.TINY_CKPT
-POSE_JSON = SOAK.load_api("hand2body")["5"]["inputs"]["pose_json"]
+POSE_JSON = SOAK.load_api("hands")["5"]["inputs"]["pose_json"]
 # the pack's own exception types: a failure of these kinds was foreseen and worded by the node
 OWN_ERRORS = {"ValueError", "FileNotFoundError", "KeyError"}
 
@@ -617,7 +617,7 @@ def test_edge_inputs_are_accepted(bad_client, case):
 
 def test_full_workflow_after_the_sweep(bad_client):
     """After every bad prompt above, a whole example workflow still runs on this server."""
-    result = bad_client.run(SOAK.Job("reference_portrait", dict(seed=5, refs=2, size=(64, 64))).prompt(),
+    result = bad_client.run(SOAK.Job("references", dict(seed=5, refs=2, size=(64, 64))).prompt(),
                             timeout=300)
     assert any(f["filename"].endswith(".png") for f in SOAK.output_files(result.history))
     tried = sum(t for t, _ in TALLY.values())

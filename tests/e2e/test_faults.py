@@ -18,13 +18,13 @@ from humanref.cli.client import ExecutionFailed, Interrupted  # noqa: E402
 pytestmark = pytest.mark.e2e
 
 SOAK = load_bench("soak")
-SAMPLER = "13"  # the KSampler of workflows/api/reference_portrait.json
+SAMPLER = "13"  # the KSampler of workflows/api/references.json
 STEPS = 20
 
 
 def patched_prompt() -> dict:
-    """reference_portrait with two masked references, 'every step' writer, 20 steps, 64x64, a SaveLatent."""
-    prompt = SOAK.reference_portrait(seed=77, refs=2, masks=True, size=(64, 64), steps=STEPS, timing="every step")
+    """references with two masked references, 'every step' writer, 20 steps, 64x64, a SaveLatent."""
+    prompt = SOAK.references(seed=77, refs=2, masks=True, size=(64, 64), steps=STEPS, timing="every step")
     SOAK.save_latent(prompt, SAMPLER, "faults")
     prompt["15"]["inputs"]["filename_prefix"] = "faults"
     return prompt

@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 from e2e_support import INPUTS, TINY_CKPT, WORKFLOWS, humanref_cli  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from humanref.pipelines.synthetic_mimicbrush import TINY_MIMICBRUSH  # noqa: E402
+from humanref.pipelines.synthetic.mimicbrush import TINY_MIMICBRUSH  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

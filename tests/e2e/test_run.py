@@ -45,7 +45,7 @@ def test_template_browser_lists_the_ui_workflows(client):
     """ComfyUI's template browser finds every workflows/*.json of the installed pack (not workflows/api/)."""
     templates = client.get_json("/workflow_templates")
     expected = sorted(p.stem for p in UI_WORKFLOW.parent.glob("*.json"))
-    assert "reference_portrait" in expected
+    assert "references" in expected
     assert sorted(templates.get("humanref", [])) == expected
     for name in expected:
         served = client.get_json(f"/api/workflow_templates/humanref/{name}.json")
@@ -65,7 +65,7 @@ def test_api_workflow_over_http(server_url, tmp_path):
     assert proc.returncode == 0, proc.stderr
     pngs = saved_pngs(proc)
     assert len(pngs) == 1 and pngs[0].parent.parent == out, proc.stdout
-    assert pngs[0].name.startswith("reference_portrait") and pngs[0].parent.name == "HumanRef"
+    assert pngs[0].name.startswith("references") and pngs[0].parent.name == "HumanRef"
     image = check_png(pngs[0], (128, 192))
     prompt = json.loads(image.info["prompt"])  # SaveImage metadata: the prompt that ran
     assert prompt["8"]["class_type"] == "HumanRef_ReferenceEncoder"

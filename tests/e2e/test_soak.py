@@ -51,7 +51,7 @@ def test_the_plan_mixes_workflows_counts_masks_and_sizes():
     assert len(jobs) == PROMPTS
     assert {j.workflow for j in jobs} == set(SOAK.WORKFLOWS)
     counts = {j.options.get("refs") or j.options.get("parts") or j.options.get("garments") for j in jobs
-              if j.workflow in ("reference_portrait", "parts2whole", "anydressing")}
+              if j.workflow in ("references", "parts2whole", "anydressing")}
     assert counts == {1, 2, 3, 4, 5, 6}
     assert {j.options.get("masks") for j in jobs if "masks" in j.options} == {True, False}
     assert len({j.options["size"] for j in jobs if "size" in j.options}) >= 5

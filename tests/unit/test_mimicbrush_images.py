@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from humanref.pipelines.mimicbrush_images import (Box, black_fill, blur_mask, crop_around, mask_box, pad_to_square,
+from humanref.pipelines.mimicbrush.images import (Box, black_fill, blur_mask, crop_around, mask_box, pad_to_square,
                                                   paste_back, resize_mask_binary, square_offsets, unpad)
 
 

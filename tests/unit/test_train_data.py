@@ -14,8 +14,8 @@ from PIL import Image
 from humanref.training.augment import ColorAugment, augment_colors
 from humanref.training.datasets import (garment_samples, hand_samples, validate_garment_dataset,
                                         validate_hand_dataset)
-from humanref.training.garment_data import GarmentDataConfig, GarmentDataset, cover, fit
-from humanref.training.hand_data import MASK_CHANNEL, HandDataConfig, HandDataset, drop_mask_channel
+from humanref.training.anydressing.data import GarmentDataConfig, GarmentDataset, cover, fit
+from humanref.training.hands.data import MASK_CHANNEL, HandDataConfig, HandDataset, drop_mask_channel
 from humanref.training.synthetic import write_garment_dataset, write_hand_dataset
 
 

@@ -1,0 +1,293 @@
+"""The trained hand generator's file layout (ours: no weights were released) and its mask head.
+
+One safetensors file in ``models/hand_generator/``:
+
+- ``unet.*``: an SD1.5 UNet in ComfyUI/ldm key names (``unet.input_blocks.0.0.weight`` ...), whose
+  ``conv_in`` (``unet.input_blocks.0.0.weight``) has 15 input channels: 4 latent + 11 condition (the table in
+  ``hand_condition``), fed by the condition bilinearly downscaled to the latent grid.
+- ``mask_head.{0,2,4,6}.{weight,bias}``: the mask head f_m, ``nn.Sequential(ConvTranspose2d(k=2, s=2), SiLU,
+  ConvTranspose2d, SiLU, ConvTranspose2d, SiLU, ConvTranspose2d)``; widths come from the weights (ours:
+  512 -> 256 -> 128 -> 64 -> 1); weights are ``[in, out, 2, 2]`` as PyTorch stores transposed convolutions.
+- metadata (all strings): ``format = "humanref-hand-generator"``, ``version = "1"``, optional
+  ``mask_activation`` (``clamp``, the default: the paper regresses the mask with an L2 loss, or ``sigmoid``)
+  and free-form ``heatmap_sigma``, ``description``.
+
+Mask-head input ("decoder features", paper III-B leaves it open): the activation of the SD VAE decoder after
+its middle block (``decoder.mid.block_2``), 512 channels on the latent grid (H/8). Four stride-2 transposed
+convolutions bring it to 2H; a 2x2 average pool brings that to the image resolution H (supersampled, so the
+mask edge is antialiased). The features are computed from the final denoised latent, the one that is decoded.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger("humanref")
+
+FORMAT = "humanref-hand-generator"
+VERSION = "1"
+UNET_PREFIX = "unet."
+HEAD_PREFIX = "mask_head."
+HEAD_LAYERS = (0, 2, 4, 6)
+MASK_FEATURE_CHANNELS = 512
+IN_CHANNELS = 4 + 11
+ACTIVATIONS = ("clamp", "sigmoid")
+
+
+class MaskHead(nn.Module):
+    """f_m: 4 transposed convolutions (k 2, s 2), SiLU between them; then 2x2 average pool to image size."""
+
+    def __init__(self, widths: tuple[int, ...] = (MASK_FEATURE_CHANNELS, 256, 128, 64, 1), activation: str = "clamp"):
+        super().__init__()
+        if len(widths) != 5 or widths[-1] != 1:
+            raise ValueError(f"mask head widths must be 5 numbers ending in 1, got {widths}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"mask_activation must be one of {ACTIVATIONS}, got {activation!r}")
+        layers: list[nn.Module] = []
+        for i in range(4):
+            layers.append(nn.ConvTranspose2d(widths[i], widths[i + 1], kernel_size=2, stride=2))
+            if i < 3:
+                layers.append(nn.SiLU())
+        self.layers = nn.Sequential(*layers)
+        self.activation = activation
+
+    def forward(self, features: Tensor) -> Tensor:
+        """[B, C, h, w] decoder features -> [B, 8h, 8w] mask in 0..1."""
+        m = F.avg_pool2d(self.layers(features), 2)
+        m = torch.sigmoid(m) if self.activation == "sigmoid" else m.clamp(0.0, 1.0)
+        return m[:, 0]
+
+
+def head_state_dict(head: MaskHead) -> dict[str, Tensor]:
+    return {f"{HEAD_PREFIX}{k.removeprefix('layers.')}": v for k, v in head.state_dict().items()}
+
+
+def mask_head_from_state_dict(sd: dict[str, Tensor], activation: str = "clamp", name: str = "hand generator") -> MaskHead:
+    """Build and load f_m from ``mask_head.{0,2,4,6}.*`` (prefix optional), with shape checks."""
+    sd = {k.removeprefix(HEAD_PREFIX): v for k, v in sd.items()}
+    expected = {f"{i}.{p}" for i in HEAD_LAYERS for p in ("weight", "bias")}
+    missing, unexpected = expected - set(sd), set(sd) - expected
+    if missing or unexpected:
+        raise ValueError(f"{name}: the mask head needs keys mask_head.{{0,2,4,6}}.{{weight,bias}} "
+                         f"(nn.Sequential of 4 ConvTranspose2d with SiLU between); missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)}")
+    widths = [int(sd["0.weight"].shape[0])]
+    for i in HEAD_LAYERS:
+        w = sd[f"{i}.weight"]
+        if w.ndim != 4 or tuple(w.shape[2:]) != (2, 2):
+            raise ValueError(f"{name}: mask_head.{i}.weight must be a 2x2 transposed-convolution kernel "
+                             f"[in, out, 2, 2], got {tuple(w.shape)}")
+        if int(w.shape[0]) != widths[-1]:
+            raise ValueError(f"{name}: mask_head.{i}.weight takes {w.shape[0]} channels but the previous layer "
+                             f"gives {widths[-1]}")
+        widths.append(int(w.shape[1]))
+    if widths[0] != MASK_FEATURE_CHANNELS:
+        raise ValueError(f"{name}: the mask head must take the VAE decoder's {MASK_FEATURE_CHANNELS} middle-block "
+                         f"channels, got {widths[0]}")
+    if widths[-1] != 1:
+        raise ValueError(f"{name}: the mask head must end in 1 channel, got {widths[-1]}")
+    head = MaskHead(tuple(widths), activation)
+    head.load_state_dict({f"layers.{k}": v.float() for k, v in sd.items()})
+    return head.eval()
+
+
+def split_checkpoint(sd: dict[str, Tensor], metadata: Optional[dict], name: str) -> tuple[dict, dict, dict]:
+    """(UNet state dict without prefix, mask-head state dict, metadata), or a ValueError naming what is wrong."""
+    metadata = dict(metadata or {})
+    fmt = metadata.get("format")
+    if fmt is not None and fmt != FORMAT:
+        raise ValueError(f"{name}: metadata format is {fmt!r}, expected {FORMAT!r}")
+    if fmt is None:
+        log.warning("HumanRef: %s has no 'format' metadata; reading it as %s version %s", name, FORMAT, VERSION)
+    if metadata.get("version", VERSION) != VERSION:
+        raise ValueError(f"{name}: {FORMAT} version {metadata['version']} is not supported (this pack reads {VERSION})")
+    unet = {k[len(UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+    head = {k: v for k, v in sd.items() if k.startswith(HEAD_PREFIX)}
+    other = sorted(k for k in sd if not k.startswith((UNET_PREFIX, HEAD_PREFIX)))
+    if other:
+        raise ValueError(f"{name}: unexpected keys outside unet.* and mask_head.*: {other[:5]}"
+                         f"{' ...' if len(other) > 5 else ''}")
+    conv_in = unet.get("input_blocks.0.0.weight")
+    if conv_in is None:
+        hint = " (diffusers key names: convert the file first)" if any(k.startswith("unet.conv_in") for k in sd) else ""
+        raise ValueError(f"{name}: no unet.input_blocks.0.0.weight: not a UNet in ComfyUI/ldm key names{hint}")
+    if conv_in.ndim != 4 or conv_in.shape[1] != IN_CHANNELS:
+        raise ValueError(f"{name}: the UNet's conv_in takes {conv_in.shape[1]} channels, expected {IN_CHANNELS} "
+                         "(4 latent + 11 hand condition)")
+    if not head:
+        raise ValueError(f"{name}: no mask_head.* keys (the mask head is part of a hand generator file)")
+    return unet, head, metadata
+
+
+@dataclass(frozen=True, eq=False)
+class HandGeneratorWeights:
+    model: Any  # comfy ModelPatcher of the 15-channel UNet
+    head: MaskHead
+    metadata: dict
+    name: str
+
+    def __deepcopy__(self, memo: dict) -> "HandGeneratorWeights":
+        return self
+
+
+def load_hand_generator(path: str, name: Optional[str] = None) -> HandGeneratorWeights:
+    """Read our layout and load the UNet as a native ComfyUI SD15 model (its own dtype and device handling)."""
+    import comfy.sd
+    import comfy.utils
+
+    name = name or path
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{name}: hand generators are safetensors files (see docs: the layout)")
+    sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    unet, head_sd, metadata = split_checkpoint(sd, metadata, name)
+    head = mask_head_from_state_dict(head_sd, metadata.get("mask_activation", "clamp"), name)
+    patcher = comfy.sd.load_diffusion_model_state_dict(unet)
+    if patcher is None:
+        raise ValueError(f"{name}: ComfyUI does not recognise unet.* as a UNet (expected an SD1.5 UNet: "
+                         "320 model channels, 768 context)")
+    kind = type(patcher.model.model_config).__name__
+    if kind != "SD15":
+        raise ValueError(f"{name}: the UNet was detected as {kind}, expected SD15")
+    patcher.model.concat_keys = ()  # our own fresh model: the 11 channels come from the hand condition
+    return HandGeneratorWeights(patcher, head, metadata, name)
+
+
+def vae_mask_features(vae: Any, samples: Tensor) -> Tensor:
+    """The mask head's input: the VAE decoder's middle-block output for latents [B, 4, h, w] -> [B, 512, h, w]."""
+    import comfy.model_management
+
+    fsm = vae.first_stage_model
+    decoder = getattr(fsm, "decoder", None)
+    mid = getattr(decoder, "mid", None)
+    if mid is None or not hasattr(mid, "block_2") or getattr(fsm, "bn", None) is not None:
+        raise ValueError("the hand generator's mask head needs an SD1.5-style VAE (KL-f8 with a decoder middle "
+                         "block); connect the SD1.5 checkpoint's VAE")
+    comfy.model_management.load_models_gpu([vae.patcher])
+    z = samples.to(device=vae.device, dtype=vae.vae_dtype)
+    post = getattr(fsm, "post_quant_conv", None)
+    h = post(z) if post is not None else z
+    h = decoder.conv_in(h)
+    h = mid.block_1(h, None)
+    h = mid.attn_1(h)
+    h = mid.block_2(h, None)
+    if h.shape[1] != MASK_FEATURE_CHANNELS:
+        raise ValueError(f"the VAE decoder's middle block has {h.shape[1]} channels; the mask head needs "
+                         f"{MASK_FEATURE_CHANNELS} (an SD1.5 VAE)")
+    return h.float()
+
+
+def predict_mask(head: MaskHead, vae: Any, samples: Tensor) -> Tensor:
+    """[B, 4, h, w] final latents -> [B, 8h, 8w] mask on the CPU."""
+    features = vae_mask_features(vae, samples)
+    head = head.to(features.device)
+    with torch.no_grad():
+        return head(features).cpu()
+
+
+# ---- diffusers -> our layout -------------------------------------------------------------------------------
+
+def unet_config_from_diffusers(sd: dict[str, Tensor]) -> dict:
+    """An ldm unet_config read off a diffusers SD1.5-family UNet state dict (any widths, any in_channels)."""
+    if "conv_in.weight" not in sd:
+        raise ValueError("not a diffusers UNet state dict: no conv_in.weight")
+    mc = int(sd["conv_in.weight"].shape[0])
+    levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"down_blocks\.(\d+)\.", k)))
+    nrb = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k)))
+    mult, depth = [], []
+    context_dim, linear = None, False
+    for i in range(levels):
+        mult.append(int(sd[f"down_blocks.{i}.resnets.0.conv2.weight"].shape[0]) // mc)
+        blocks = {int(m.group(1)) for k in sd if (m := re.match(rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\.", k))}
+        depth.append(len(blocks))
+        if blocks and context_dim is None:
+            context_dim = int(sd[f"down_blocks.{i}.attentions.0.transformer_blocks.0.attn2.to_k.weight"].shape[1])
+            linear = sd[f"down_blocks.{i}.attentions.0.proj_in.weight"].ndim == 2
+    mid_blocks = {int(m.group(1)) for k in sd if (m := re.match(r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\.", k))}
+    return {
+        "use_checkpoint": False, "image_size": 32, "out_channels": int(sd["conv_out.weight"].shape[0]),
+        "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
+        "in_channels": int(sd["conv_in.weight"].shape[1]), "model_channels": mc, "num_res_blocks": [nrb] * levels,
+        "transformer_depth": [d for d in depth for _ in range(nrb)], "channel_mult": mult,
+        "transformer_depth_middle": len(mid_blocks) if mid_blocks else -1, "use_linear_in_transformer": linear,
+        "context_dim": context_dim, "num_heads": 8, "num_head_channels": -1,
+        "transformer_depth_output": [d for d in depth for _ in range(nrb + 1)],
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+
+
+def convert_diffusers(unet_sd: dict[str, Tensor], head_sd: dict[str, Tensor],
+                      metadata: Optional[dict] = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A diffusers fine-tuned UNet (15-channel conv_in) + mask-head weights -> our file's (state dict, metadata)."""
+    import comfy.utils
+
+    unet_sd = {k.removeprefix("unet."): v for k, v in unet_sd.items()}
+    cfg = unet_config_from_diffusers(unet_sd)
+    mapping = comfy.utils.unet_to_diffusers(cfg)  # diffusers key -> ldm key
+    unmapped = sorted(k for k in unet_sd if k not in mapping)
+    if unmapped:
+        raise ValueError(f"diffusers UNet: {len(unmapped)} keys have no ComfyUI counterpart, e.g. {unmapped[:5]}")
+    from ..synthetic.base import unet_shapes
+
+    shapes = unet_shapes(cfg)  # the exact ldm keys and shapes of this architecture
+    converted = {mapping[k]: v for k, v in unet_sd.items()}
+    missing = sorted(set(shapes) - set(converted))
+    if missing:
+        raise ValueError(f"diffusers UNet: {len(missing)} weights are missing, e.g. {missing[:5]}")
+    wrong = sorted(k for k, v in converted.items() if k not in shapes or tuple(v.shape) != tuple(shapes[k]))
+    if wrong:
+        raise ValueError(f"diffusers UNet: {len(wrong)} weights do not fit the architecture, e.g. {wrong[:5]}")
+    out = {f"{UNET_PREFIX}{k}": v for k, v in converted.items()}
+    if cfg["in_channels"] != IN_CHANNELS:
+        raise ValueError(f"diffusers UNet: conv_in takes {cfg['in_channels']} channels, expected {IN_CHANNELS} "
+                         "(4 latent + 11 hand condition)")
+    head = mask_head_from_state_dict(head_sd, name="mask head weights")
+    out.update({k: v.contiguous() for k, v in head_state_dict(head).items()})
+    meta = {"format": FORMAT, "version": VERSION, "mask_activation": "clamp"}
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    return out, meta
+
+
+
+def save_hand_generator(path: str, unet_sd: dict[str, Tensor], head: "MaskHead | dict[str, Tensor]",
+                        metadata: Optional[dict] = None) -> dict[str, str]:
+    """Write our layout from a diffusers UNet state dict and the mask head (the trainer's writer).
+
+    The file goes through :func:`convert_diffusers` and the loader's own checks (:func:`split_checkpoint`)
+    before anything is written, so a trainer can never produce a file the loader refuses; written to a
+    temporary name first and renamed, so an interrupted save leaves no half file. Returns the metadata.
+    """
+    import os
+
+    from safetensors.torch import save_file
+
+    meta = {}
+    if isinstance(head, MaskHead):
+        meta["mask_activation"] = head.activation
+        head = head_state_dict(head)
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    sd, meta = convert_diffusers({k: v.detach() for k, v in unet_sd.items()},
+                                 {k: v.detach() for k, v in head.items()}, meta)
+    if meta.get("mask_activation", "clamp") not in ACTIVATIONS:
+        raise ValueError(f"mask_activation must be one of {ACTIVATIONS}, got {meta['mask_activation']!r}")
+    split_checkpoint(sd, meta, os.path.basename(path))
+    tmp = path + ".part"
+    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, tmp, metadata=meta)
+    os.replace(tmp, path)
+    return meta
+
+
+def read_weights(path: str) -> dict[str, Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a state dict")
+    return sd.get("state_dict", sd)

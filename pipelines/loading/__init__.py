@@ -1,0 +1,1 @@
+"""Weight files and the diffusers <-> ComfyUI UNet layouts, shared by every loader."""

@@ -1,0 +1,66 @@
+"""The hands workflows end to end on a ComfyUI server: training-free and trained hand generators."""
+from comfyenv import require_comfy
+
+require_comfy()
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from e2e_support import REPO, TINY_CKPT, humanref_cli  # noqa: E402
+from PIL import Image  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+API = REPO / "workflows" / "api" / "hands.json"
+UI = REPO / "workflows" / "hands.json"
+SMALL = ["--set", f"1.ckpt_name={TINY_CKPT}", "--set", "4.control_net_name=humanref-tiny-controlnet-sd15.safetensors",
+         "--set", "5.resolution=64", "--set", "5.steps=2", "--set", "5.width=128", "--set", "5.height=192",
+         "--set", "9.steps=3"]
+
+
+def pngs(proc):
+    return sorted(Path(line) for line in proc.stdout.splitlines() if line.endswith(".png"))
+
+
+def run(workflow: Path, server_url: str, tmp_path: Path, *extra: str):
+    proc = humanref_cli("run", str(workflow), "--server", server_url, *SMALL, *extra, "--out", str(tmp_path / "out"),
+                        "--timeout", "280", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def check_outputs(proc):
+    files = pngs(proc)
+    sizes = sorted(Image.open(p).size for p in files)
+    # two hand crops (the example pose's hands are apart) and the outpainted body at the requested canvas size
+    assert sizes == [(64, 64), (64, 64), (128, 192)], (files, proc.stdout)
+    assert any(p.name.startswith("hands_body_0") for p in files)
+
+
+def test_api_workflow_training_free(server_url, tmp_path):
+    proc = run(API, server_url, tmp_path)
+    check_outputs(proc)
+    assert "HumanRef_SequentialMaskExpandOutpaint" in proc.stderr and "3/3" in proc.stderr
+
+
+def test_api_workflow_trained_hand_generator(server_url, tmp_path):
+    workflow = json.loads(API.read_text())
+    workflow["12"] = {"class_type": "HumanRef_HandGeneratorLoader",
+                      "inputs": {"hand_generator_name": "humanref-tiny-hand-generator.safetensors"}}
+    workflow["5"]["inputs"]["hand_generator"] = ["12", 0]
+    path = tmp_path / "hands_trained.json"
+    path.write_text(json.dumps(workflow))
+    check_outputs(run(path, server_url, tmp_path))
+
+
+def test_ui_workflow_converts_to_the_api_workflow(object_info):
+    """The UI graph (trained-generator alternative muted) is the API graph, input for input."""
+    from humanref.cli.convert import ui_to_api
+
+    converted = ui_to_api(json.loads(UI.read_text()), object_info, strict=True).prompt
+    api = json.loads(API.read_text())
+    assert set(converted) == set(api)
+    for nid, node in api.items():
+        assert converted[nid]["class_type"] == node["class_type"]
+        assert converted[nid]["inputs"] == node["inputs"], nid

@@ -1,0 +1,1 @@
+"""Training the AnyDressing garment weights: dataset, the training model and trainer."""
