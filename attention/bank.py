@@ -14,10 +14,20 @@ from torch import Tensor
 
 from .blocks import BlockKey
 from .kernels import LinearWeights
+from .labels import Labeled
 from .masks import project_mask
 
-TIMINGS: tuple[str, ...] = ("every step", "once at t=0")
 MAX_REFERENCES = 6
+
+
+class Timing(Labeled):
+    """When the writer runs: at every sampling step (on latents at that sigma), or once on the clean latents."""
+
+    EVERY_STEP = "every step"
+    ONCE = "once at t=0"
+
+
+TIMINGS: tuple[str, ...] = Timing.labels()
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,7 +94,7 @@ class ReferenceBank:
 
     references: tuple[ReferenceInfo, ...]
     block_channels: Mapping[BlockKey, int]
-    timing: str
+    timing: Timing
     mask_rule: str
     features: Optional[Mapping[BlockKey, tuple[CapturedTokens, ...]]] = None
     writer: Any = field(default=None, repr=False)
@@ -98,10 +108,11 @@ class ReferenceBank:
     def __post_init__(self) -> None:
         if self.timing not in TIMINGS:
             raise ValueError(f"unknown writer timing {self.timing!r}; expected one of {TIMINGS}")
+        object.__setattr__(self, "timing", Timing(self.timing))
         if not self.references:
             raise ValueError("a reference bank needs at least one reference")
 
-    def __deepcopy__(self, memo: dict) -> "ReferenceBank":
+    def __deepcopy__(self, memo: dict) -> ReferenceBank:
         return self
 
     @property

@@ -8,14 +8,15 @@ skipped. Pure torch; the host passes its attention function.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-MAX_IMAGE_TOKENS = 6
+from .gating import COND, chunk_slices
+from .kernels import AttnFn
 
-AttentionFn = Callable[[Tensor, Tensor, Tensor, int], Tensor]
+MAX_IMAGE_TOKENS = 6
 
 
 def pad_image_tokens(embeds: Tensor, length: int = MAX_IMAGE_TOKENS) -> Tensor:
@@ -40,7 +41,7 @@ class DecoupledTokens:
         self.scale = float(scale)
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
-    def __deepcopy__(self, memo: dict) -> "DecoupledTokens":
+    def __deepcopy__(self, memo: dict) -> DecoupledTokens:
         return self
 
     def on(self, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -66,22 +67,17 @@ def decoupled_cross_attention(
     image: DecoupledTokens,
     heads: int,
     cond_or_uncond: Optional[Sequence[int]],
-    attention: AttentionFn,
+    attention: AttnFn,
 ) -> Tensor:
-    """text_out + scale * Attn(q, K_img, V_img) for the cond chunks (0) of the batch; q, text_out [B, N, C]."""
-    chunks = list(cond_or_uncond) if cond_or_uncond else [0]
-    if q.shape[0] % len(chunks):
-        raise RuntimeError(f"batch of {q.shape[0]} does not split into {len(chunks)} cond/uncond chunks")
-    per = q.shape[0] // len(chunks)
-    if image.scale == 0 or all(c != 0 for c in chunks):
+    """text_out + scale * Attn(q, K_img, V_img) for the cond chunks of the batch; q, text_out [B, N, C]."""
+    cond_rows = [rows for rows, kind in chunk_slices(cond_or_uncond, q.shape[0]) if kind == COND]
+    if image.scale == 0 or not cond_rows:
         return text_out
     keys, values = image.on(q)
     out = text_out.clone()
-    for i, c in enumerate(chunks):
-        if c != 0:
-            continue  # uncond: all image tokens are zero, the term is exactly 0
-        rows = slice(i * per, (i + 1) * per)
-        k = keys.unsqueeze(0).expand(per, -1, -1)
-        v = values.unsqueeze(0).expand(per, -1, -1)
+    for rows in cond_rows:  # uncond: all image tokens are zero, the term is exactly 0
+        n = rows.stop - rows.start
+        k = keys.unsqueeze(0).expand(n, -1, -1)
+        v = values.unsqueeze(0).expand(n, -1, -1)
         out[rows] = out[rows] + image.scale * attention(q[rows], k, v, heads)
     return out

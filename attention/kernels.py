@@ -13,6 +13,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 # attn_fn(q, k, v, heads) -> out; the host passes ComfyUI's optimized_attention, tests pass sdpa.
@@ -25,19 +26,10 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, heads: int, key_bias: Optional[Tensor]
     Used whenever a bias is needed: a key-only bias of shape [Nk] costs nothing to broadcast, where ComfyUI's
     mask path would materialise [B, Nq, Nk].
     """
-    b, nq, c = q.shape
-    d = c // heads
-
-    def split(t: Tensor) -> Tensor:
-        return t.reshape(t.shape[0], t.shape[1], heads, d).transpose(1, 2)
-
+    qh, kh, vh = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
     mask = None if key_bias is None else key_bias.to(device=q.device, dtype=q.dtype).reshape(1, 1, 1, -1)
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
-    return out.transpose(1, 2).reshape(b, nq, c)
-
-
-def default_attn(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
-    return sdpa(q, k, v, heads)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+    return rearrange(out, "b h n d -> b n (h d)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,13 +147,6 @@ def dual_term(q: Tensor, heads: int, refs: ProjectedReferences, attn_fn: AttnFn)
     return sdpa(q, k, v, heads, refs.bias)
 
 
-def dual_attention(
-    q: Tensor, k: Tensor, v: Tensor, heads: int, refs: ProjectedReferences, lam: float, attn_fn: AttnFn
-) -> Tensor:
-    """Attn(x, x) + lambda * Attn(Q_x, F W'_k, F W'_v) (AnyDressing, lambda 0.7)."""
-    return attn_fn(q, k, v, heads) + lam * dual_term(q, heads, refs, attn_fn)
-
-
 def key_owners(refs: ProjectedReferences) -> Tensor:
     """Reference index of every key [M] (long), from ``refs.segments``."""
     if sum(refs.segments) != refs.length:
@@ -204,27 +189,3 @@ def region_dual_term(q: Tensor, heads: int, refs: ProjectedReferences, allowed: 
         rows = (inverse == p).nonzero().squeeze(1)
         out[:, rows] = dual_term(q[:, rows], heads, _subset(refs, keys), attn_fn)
     return out
-
-
-def dual_attention_weights(q: Tensor, heads: int, refs: ProjectedReferences,
-                           allowed: Optional[Tensor] = None) -> Tensor:
-    """Attention probabilities of the dual term, [B, heads, Nq, M] (zero rows where a query sees nothing).
-
-    Diagnostics and AnyDressing's instance-level localization (IGL) loss: summing the columns of one garment
-    gives its attention map. Materialises the full map, so use it on small cases or single blocks.
-    """
-    b, nq, c = q.shape
-    d = c // heads
-    k = refs.k.to(q.dtype).expand(b, -1, -1)
-    qh = q.reshape(b, nq, heads, d).transpose(1, 2)
-    kh = k.reshape(b, -1, heads, d).transpose(1, 2)
-    logits = qh @ kh.transpose(-1, -2) / math.sqrt(d)
-    if refs.bias is not None:
-        logits = logits + refs.bias.to(device=q.device, dtype=q.dtype)
-    if allowed is not None:
-        owners = key_owners(refs)
-        ok = allowed.to(device=q.device, dtype=torch.bool)[:, owners]  # [Nq, M]
-        logits = logits.masked_fill(~ok, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        return torch.nan_to_num(probs, nan=0.0)
-    return torch.softmax(logits, dim=-1)

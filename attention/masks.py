@@ -5,21 +5,11 @@ odd sizes (85x64, 43x32, ...) line up with the UNet's padded stride-2 downsampli
 """
 from __future__ import annotations
 
-import math
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-MaskRule = Literal["parts2whole", "area"]
 MASK_RULES: tuple[str, ...] = ("parts2whole", "area")
-
-
-def parts2whole_grid(height: int, width: int, tokens: int) -> tuple[int, int]:
-    """The official grid rule: scale s = 2^ceil(log2(HW/N)/2), grid = (ceil(H/s), ceil(W/s))."""
-    s = 2 ** math.ceil(0.5 * math.log2(height * width / tokens))
-    return math.ceil(height / s), math.ceil(width / s)
 
 
 def parts2whole_weights(mask: Tensor, grid: tuple[int, int]) -> Tensor:

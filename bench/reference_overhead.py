@@ -20,29 +20,24 @@ What it measures (ARCHITECTURE.md, "Where the time goes"), all in one process on
 * peak memory per configuration (CUDA max_memory_allocated, or the process peak RSS reset before each run
   through /proc/self/clear_refs on Linux), bank and projected K/V sizes.
 * the bank size of one 512x512 reference for SD1.5 in fp16.
-* diagnostics: the reader's attention call against plain attention per block (the real kernels), the writer
-  pass and K/V projection alone, and a torch.profiler table of a step for any configuration that misses
-  its target.
+* diagnostics (``bench/reference_diagnostics.py``): the reader's attention call against plain attention per
+  block (the real kernels), the writer pass and K/V projection alone, and a torch.profiler table of a step for
+  any configuration that misses its target.
 
 Benchmarks are never timed tests; this writes JSON and prints a short summary.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
-
-from humanref.pipelines.comfy_env import import_comfy
+from _env import PeakMemory, environment, median, now, on_cuda, setup_comfy, time_both, time_once
 
 TARGETS = {
     "cached_step_over_floor_max": 1.15,
@@ -54,143 +49,7 @@ REF_COUNTS = (1, 2, 4)
 MB = 1e6
 
 
-# --------------------------------------------------------------------------------------------- environment
-def on_cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-def sync() -> None:
-    if on_cuda():
-        torch.cuda.synchronize()
-
-
-def now() -> float:
-    sync()
-    return time.perf_counter()
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def git_head(path: str) -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", path, "status", "--porcelain"], capture_output=True, text=True,
-                               timeout=10)
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except Exception:
-        return None
-
-
-def environment(device: torch.device, dtype: torch.dtype, repo: str) -> dict:
-    import comfy.ldm.modules.attention as comfy_attention
-    import comfy.model_management as mm
-
-    try:
-        from comfyui_version import __version__ as comfy_version
-    except Exception:
-        comfy_version = None
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "comfyui": comfy_version,
-        "humanref_commit": git_head(repo),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(0) if on_cuda() else cpu_model(),
-        "dtype": str(dtype).replace("torch.", ""),
-        "torch_threads": torch.get_num_threads(),
-        "threads_note": ("one intra-op thread by default on CPU: on a shared machine a preempted OpenMP thread "
-                         "makes the other spin at every barrier, which inflated wall and CPU time 2-6x at random "
-                         "in a 2-thread trial here; with one thread the process CPU time is the work done, and "
-                         "the ratios (a property of the work) are stable") if not on_cuda() else None,
-        "cpu_count": os.cpu_count(),
-        "attention_backend": getattr(comfy_attention.optimized_attention, "__name__", "?"),
-        "attention_backend_note": ("ComfyUI's optimized_attention (what plain attn1 and the unmasked reader use); "
-                                   "the reader's biased path (zero key, strength != 1) calls "
-                                   "torch.nn.functional.scaled_dot_product_attention directly"),
-        "vram_state": str(getattr(mm, "vram_state", "")),
-        "loadavg_start": list(os.getloadavg()),
-    }
-    if on_cuda():
-        env["cuda"] = torch.version.cuda
-    return env
-
-
-# ---------------------------------------------------------------------------------------------- memory
-class PeakMemory:
-    """Peak memory of one region: CUDA max_memory_allocated, or the RSS high-water mark (VmHWM) on Linux CPU."""
-
-    def __init__(self) -> None:
-        self.can_reset_rss = False
-        if not on_cuda():
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                self.can_reset_rss = True
-            except OSError:
-                pass
-
-    @staticmethod
-    def _status(field: str) -> Optional[int]:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith(field + ":"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
-
-    def start(self) -> dict:
-        if on_cuda():
-            torch.cuda.reset_peak_memory_stats()
-            return {"allocated": torch.cuda.memory_allocated()}
-        if self.can_reset_rss:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        return {"rss": self._status("VmRSS")}
-
-    def stop(self, start: dict) -> dict:
-        if on_cuda():
-            peak = torch.cuda.max_memory_allocated()
-            return {"cuda_max_allocated_bytes": peak, "cuda_peak_above_start_bytes": peak - start["allocated"]}
-        hwm = self._status("VmHWM") if self.can_reset_rss else None
-        out = {"ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-        if hwm is not None:
-            out["peak_rss_bytes"] = hwm
-            if start.get("rss") is not None:
-                out["peak_rss_above_start_bytes"] = hwm - start["rss"]
-        return out
-
-
 # ----------------------------------------------------------------------------------------------- helpers
-def med(xs: list[float]) -> Optional[float]:
-    return statistics.median(xs) if xs else None
-
-
-def time_once(fn: Callable[[], Any]) -> float:
-    t0 = now()
-    fn()
-    return now() - t0
-
-
-def time_both(fn: Callable[[], Any]) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds): CPU time is far less disturbed by other processes on a shared CPU."""
-    c0, t0 = time.process_time(), now()
-    fn()
-    t1 = now()
-    return t1 - t0, time.process_time() - c0
-
-
 class CachedVAE:
     """Encodes each distinct reference image once (every bank here reuses the same images)."""
 
@@ -216,6 +75,83 @@ def reference_masks(count: int, size: int) -> torch.Tensor:
         off = (i * size // 8) % (size - side + 1)
         masks[i, off:off + side, size - side - off:size - off] = 1.0
     return masks
+
+
+# ----------------------------------------------------------------------------------------------- summary
+def summarise(configs: dict[str, dict], runs: list[dict], deltas: list[dict]) -> tuple[dict, dict]:
+    """Per configuration: medians, ratios to plain and to the floor within each repetition, the verdict."""
+    reps = sorted({r["rep"] for r in runs})
+    plain_by_rep = {}
+    plain_amort_by_rep = {}
+    plain_cpu_by_rep = {}
+    for rep in reps:
+        pr = [r for r in runs if r["rep"] == rep and r["config"] == "plain"]
+        plain_by_rep[rep] = statistics.mean(r["step_s"] for r in pr)
+        plain_amort_by_rep[rep] = statistics.mean(r["amortised_step_s"] for r in pr)
+        plain_cpu_by_rep[rep] = statistics.mean(r["cpu_step_s"] for r in pr)
+    delta_by_rep = {d["rep"]: d for d in deltas}
+    summary = {}
+    verdicts = {}
+    for name, cfg in configs.items():
+        rows = [r for r in runs if r["config"] == name]
+        if not rows:
+            continue
+        steps = [r["step_s"] for r in rows]
+        entry = {
+            "kind": cfg["kind"],
+            "references": cfg["refs"],
+            "masked": bool(cfg.get("masked", False)),
+            "step_s_median": median(steps),
+            "step_s_min": min(steps),
+            "step_s_all": steps,
+            "amortised_step_s_median": median([r["amortised_step_s"] for r in rows]),
+            "first_step_overhead_s_median": median([r["first_step_s"] - r["step_s"] for r in rows]),
+            "run_total_s_median": median([r["total_s"] for r in rows]),
+            "cpu_step_s_median": median([r["cpu_step_s"] for r in rows]),
+            "cpu_step_s_all": [r["cpu_step_s"] for r in rows],
+        }
+        mem_keys = [k for k in rows[0] if k.endswith("_bytes")]
+        for k in mem_keys:
+            entry[f"{k}_max"] = max(r[k] for r in rows if r.get(k) is not None)
+        if name != "plain":
+            ratio_plain = [r["step_s"] / plain_by_rep[r["rep"]] for r in rows]
+            entry["over_plain_per_rep"] = ratio_plain
+            entry["over_plain_median"] = median(ratio_plain)
+            entry["over_plain_ratio_of_medians"] = entry["step_s_median"] / summary["plain"]["step_s_median"]
+            entry["amortised_over_plain_median"] = median(
+                [r["amortised_step_s"] / plain_amort_by_rep[r["rep"]] for r in rows])
+            entry["over_plain_min_ratio"] = entry["step_s_min"] / summary["plain"]["step_s_min"]
+            entry["cpu_over_plain_median"] = median([r["cpu_step_s"] / plain_cpu_by_rep[r["rep"]] for r in rows])
+        if cfg["kind"] in ("cached_masked", "cached_unmasked"):
+            floors = [plain_by_rep[r["rep"]] + delta_by_rep[r["rep"]][name]["delta_s"] for r in rows]
+            ratios = [r["step_s"] / f for r, f in zip(rows, floors)]
+            amort = [r["amortised_step_s"]
+                     / (plain_amort_by_rep[r["rep"]] + delta_by_rep[r["rep"]][name]["delta_s"]) for r in rows]
+            entry["attention_delta_s_median"] = median([delta_by_rep[r["rep"]][name]["delta_s"] for r in rows])
+            entry["floor_step_s_median"] = median(floors)
+            entry["over_floor_per_rep"] = ratios
+            entry["over_floor_median"] = median(ratios)
+            entry["over_floor_ratio_of_medians"] = entry["step_s_median"] / (
+                summary["plain"]["step_s_median"] + entry["attention_delta_s_median"])
+            entry["amortised_over_floor_median"] = median(amort)
+            entry["over_floor_min_ratio"] = entry["step_s_min"] / (
+                summary["plain"]["step_s_min"] + entry["attention_delta_s_median"])
+            entry["cpu_over_floor_median"] = median(
+                [r["cpu_step_s"] / (plain_cpu_by_rep[r["rep"]] + delta_by_rep[r["rep"]][name]["delta_cpu_s"])
+                 for r in rows])
+            target = TARGETS["cached_step_over_floor_max"]
+            entry["target"] = f"step / floor <= {target}"
+            entry["pass"] = entry["over_floor_median"] <= target
+            entry["amortised_pass"] = entry["amortised_over_floor_median"] <= target
+            verdicts[name] = entry["pass"]
+        elif cfg["kind"] == "every_step":
+            target = TARGETS["every_step_over_plain_max"]
+            entry["target"] = f"step / plain <= {target}"
+            entry["pass"] = entry["over_plain_median"] <= target
+            entry["amortised_pass"] = entry["amortised_over_plain_median"] <= target
+            verdicts[name] = entry["pass"]
+        summary[name] = entry
+    return summary, verdicts
 
 
 # ------------------------------------------------------------------------------------------------- bench
@@ -482,277 +418,8 @@ class Bench:
                     d["rep"] = rep
                     self.deltas.append(d)
             self.phase_s["repetitions"] = now() - t0
-            self.summarise()
+            self.summary, self.verdicts = summarise(self.configs, self.runs, self.deltas)
             self.write()
-
-    # ------------------------------------------------------------------------------------------- summary
-    def summarise(self) -> None:
-        reps = sorted({r["rep"] for r in self.runs})
-        plain_by_rep = {}
-        plain_amort_by_rep = {}
-        plain_cpu_by_rep = {}
-        for rep in reps:
-            pr = [r for r in self.runs if r["rep"] == rep and r["config"] == "plain"]
-            plain_by_rep[rep] = statistics.mean(r["step_s"] for r in pr)
-            plain_amort_by_rep[rep] = statistics.mean(r["amortised_step_s"] for r in pr)
-            plain_cpu_by_rep[rep] = statistics.mean(r["cpu_step_s"] for r in pr)
-        delta_by_rep = {d["rep"]: d for d in self.deltas}
-        summary = {}
-        verdicts = {}
-        for name, cfg in self.configs.items():
-            rows = [r for r in self.runs if r["config"] == name]
-            if not rows:
-                continue
-            steps = [r["step_s"] for r in rows]
-            entry = {
-                "kind": cfg["kind"],
-                "references": cfg["refs"],
-                "masked": bool(cfg.get("masked", False)),
-                "step_s_median": med(steps),
-                "step_s_min": min(steps),
-                "step_s_all": steps,
-                "amortised_step_s_median": med([r["amortised_step_s"] for r in rows]),
-                "first_step_overhead_s_median": med([r["first_step_s"] - r["step_s"] for r in rows]),
-                "run_total_s_median": med([r["total_s"] for r in rows]),
-                "cpu_step_s_median": med([r["cpu_step_s"] for r in rows]),
-                "cpu_step_s_all": [r["cpu_step_s"] for r in rows],
-            }
-            mem_keys = [k for k in rows[0] if k.endswith("_bytes")]
-            for k in mem_keys:
-                entry[f"{k}_max"] = max(r[k] for r in rows if r.get(k) is not None)
-            if name != "plain":
-                ratio_plain = [r["step_s"] / plain_by_rep[r["rep"]] for r in rows]
-                entry["over_plain_per_rep"] = ratio_plain
-                entry["over_plain_median"] = med(ratio_plain)
-                entry["over_plain_ratio_of_medians"] = entry["step_s_median"] / summary["plain"]["step_s_median"]
-                entry["amortised_over_plain_median"] = med(
-                    [r["amortised_step_s"] / plain_amort_by_rep[r["rep"]] for r in rows])
-                entry["over_plain_min_ratio"] = entry["step_s_min"] / summary["plain"]["step_s_min"]
-                entry["cpu_over_plain_median"] = med([r["cpu_step_s"] / plain_cpu_by_rep[r["rep"]] for r in rows])
-            if cfg["kind"] in ("cached_masked", "cached_unmasked"):
-                floors = [plain_by_rep[r["rep"]] + delta_by_rep[r["rep"]][name]["delta_s"] for r in rows]
-                ratios = [r["step_s"] / f for r, f in zip(rows, floors)]
-                amort = [r["amortised_step_s"]
-                         / (plain_amort_by_rep[r["rep"]] + delta_by_rep[r["rep"]][name]["delta_s"]) for r in rows]
-                entry["attention_delta_s_median"] = med([delta_by_rep[r["rep"]][name]["delta_s"] for r in rows])
-                entry["floor_step_s_median"] = med(floors)
-                entry["over_floor_per_rep"] = ratios
-                entry["over_floor_median"] = med(ratios)
-                entry["over_floor_ratio_of_medians"] = entry["step_s_median"] / (
-                    summary["plain"]["step_s_median"] + entry["attention_delta_s_median"])
-                entry["amortised_over_floor_median"] = med(amort)
-                entry["over_floor_min_ratio"] = entry["step_s_min"] / (
-                    summary["plain"]["step_s_min"] + entry["attention_delta_s_median"])
-                entry["cpu_over_floor_median"] = med(
-                    [r["cpu_step_s"] / (plain_cpu_by_rep[r["rep"]] + delta_by_rep[r["rep"]][name]["delta_cpu_s"])
-                     for r in rows])
-                target = TARGETS["cached_step_over_floor_max"]
-                entry["target"] = f"step / floor <= {target}"
-                entry["pass"] = entry["over_floor_median"] <= target
-                entry["amortised_pass"] = entry["amortised_over_floor_median"] <= target
-                verdicts[name] = entry["pass"]
-            elif cfg["kind"] == "every_step":
-                target = TARGETS["every_step_over_plain_max"]
-                entry["target"] = f"step / plain <= {target}"
-                entry["pass"] = entry["over_plain_median"] <= target
-                entry["amortised_pass"] = entry["amortised_over_plain_median"] <= target
-                verdicts[name] = entry["pass"]
-            summary[name] = entry
-        self.summary = summary
-        self.verdicts = verdicts
-
-    # ------------------------------------------------------------------------------------------ diagnostics
-    def reader_diagnostics(self, inner: int) -> dict:
-        """The real reader call against plain attention per block (batch = cond + uncond rows), and its parts.
-
-        Minimum over ``inner`` interleaved timings per shape."""
-        import comfy.ldm.modules.attention as ca
-        from humanref.attention.kernels import project_references, sdpa
-        from humanref.attention.reader import ActiveLayer, reference_attention
-
-        chunks = self.chunks or [1, 0]
-        b = len(chunks)
-        out: dict = {"cond_or_uncond": chunks, "configs": {}}
-        gen = torch.Generator(device="cpu").manual_seed(5)
-        totals = {name: {"reader_minus_plain_s": 0.0, "kv_projection_s": 0.0} for name in self.keys
-                  if not name.startswith("every_step")}
-        split = {"plain_batch2_s": 0.0, "two_batch1_s": 0.0}
-        biased = {name: 0.0 for name in totals}
-
-        def host_attn(q, k, v, heads):
-            return ca.optimized_attention(q, k, v, heads, transformer_options={})
-
-        with torch.no_grad():
-            for bi, (row, info) in enumerate(zip(self.block_rows, self.blocks)):
-                n, c, heads = row["tokens"], row["channels"], row["heads"]
-                q = torch.randn(b, n, c, generator=gen).to(self.device, self.dtype)
-                k = torch.randn(b, n, c, generator=gen).to(self.device, self.dtype)
-                v = torch.randn(b, n, c, generator=gen).to(self.device, self.dtype)
-                attn1 = self.unet.get_submodule(info.path).attn1
-                layers = {}
-                for name in totals:
-                    merged = self.configs[name]["bank"].merged(info.key)
-                    tokens = merged.tokens.to(self.device, self.dtype)
-                    tp = []
-                    for _ in range(inner):
-                        tp.append(time_once(lambda: project_references(tokens, merged.dropped, attn1.to_k,
-                                                                      attn1.to_v)))
-                    totals[name]["kv_projection_s"] += min(tp)
-                    refs = project_references(tokens, merged.dropped, attn1.to_k, attn1.to_v)
-                    layers[name] = (refs, [ActiveLayer("concat", refs)])
-                host_attn(q, k, v, heads)
-                tp_plain, t_split = [], []
-                t_reader = {name: [] for name in totals}
-                t_bias = {name: [] for name in totals}
-                for _ in range(inner):
-                    tp_plain.append(time_once(lambda: host_attn(q, k, v, heads)))
-                    t_split.append(time_once(lambda: (host_attn(q[:1], k[:1], v[:1], heads),
-                                                      host_attn(q[1:], k[1:], v[1:], heads))))
-                    for name, (refs, active) in layers.items():
-                        t_reader[name].append(time_once(
-                            lambda: reference_attention(q, k, v, heads, chunks, active, host_attn)))
-                        if refs.bias is not None:  # the same key set through ComfyUI's kernel, no bias
-                            kk = torch.cat([k[:1], refs.k], dim=1)
-                            vv = torch.cat([v[:1], refs.v], dim=1)
-                            t_bias[name].append(
-                                time_once(lambda: sdpa(q[:1], kk, vv, heads, torch.zeros(kk.shape[1])))
-                                - time_once(lambda: host_attn(q[:1], kk, vv, heads)))
-                split["plain_batch2_s"] += min(tp_plain)
-                split["two_batch1_s"] += min(t_split)
-                for name in totals:
-                    totals[name]["reader_minus_plain_s"] += min(t_reader[name]) - min(tp_plain)
-                    if t_bias[name]:
-                        biased[name] += min(t_bias[name])
-        for name in totals:
-            totals[name]["sdpa_bias_minus_optimized_attention_s"] = biased[name] if self.configs[name].get(
-                "masked") else None
-            out["configs"][name] = totals[name]
-        out["cfg_split"] = split
-        out["note"] = ("reader_minus_plain_s: sum over blocks of the reader's attention call (per-chunk split, "
-                       "key concat, kernel) minus plain attention of the same batch; compare with the floor's "
-                       "attention_delta_s. sdpa_bias_minus_optimized_attention_s: what the biased SDPA path "
-                       "costs against optimized_attention on the same (cond) keys.")
-        return out
-
-    def writer_diagnostics(self, inner: int) -> dict:
-        """A writer pass alone per reference count (the per-step cost every-step mode adds besides attention),
-        and what stopping the writer's forward right after its last captured block would save (1 reference)."""
-        from humanref.pipelines.references.writer import run_writer
-
-        out: dict = {}
-        with torch.no_grad():
-            for n in REF_COUNTS:
-                cfg = self.configs[f"every_step_{n}"]
-                writer = cfg["bank"].writer
-                ts = [time_once(lambda: run_writer(writer, 3.0)) for _ in range(inner)]
-                out[f"every_step_{n}"] = {"writer_pass_s_median": med(ts), "writer_pass_s_all": ts}
-            out["early_exit_1_reference"] = self.writer_early_exit(inner)
-        return out
-
-    def writer_early_exit(self, inner: int) -> dict:
-        """Time the writer forward (batch 1, sigma 3) in full against one cut right after the norm1 capture of
-        the last block it needs: all blocks (the default block set) and the input blocks only (down-only)."""
-        from humanref.attention.blocks import select_blocks
-
-        class Stop(Exception):
-            pass
-
-        writer = self.configs["every_step_1"]["bank"].writer
-        group = writer.groups[0]
-        model = self.model.model
-        x = group.latents.to(self.device, self.dtype)
-        noise = writer.noise_for(0, self.device, x.dtype)
-        sigma = torch.tensor([3.0], device=self.device)
-        x = model.model_sampling.noise_scaling(sigma, noise, x)
-        conds = {k: v.to(self.device) for k, v in group.conds.items()}
-
-        def forward(stop_at):
-            def patch(n, context, value, extra_options):
-                block = extra_options.get("block")
-                if stop_at is not None and block is not None and \
-                        (block[0], int(block[1]), int(extra_options.get("block_index", 0))) == stop_at:
-                    raise Stop()
-                return n, context, value
-
-            to = {"patches": {"attn1_patch": [patch]}}
-            try:
-                model.apply_model(x, sigma, transformer_options=to, **conds)
-            except Stop:
-                pass
-
-        cuts = {"full_forward": None, "stop_after_last_block_all": self.blocks[-1].key,
-                "stop_after_last_block_down_only": select_blocks(self.blocks, "down-only")[-1].key}
-        times: dict[str, list[float]] = {k: [] for k in cuts}
-        with torch.no_grad():
-            forward(None)
-            for _ in range(inner + 1):
-                for name, cut in cuts.items():
-                    times[name].append(time_once(lambda: forward(cut)))
-        res = {name: min(ts) for name, ts in times.items()}
-        full = res["full_forward"]
-        res["saving_all_fraction"] = 1.0 - res["stop_after_last_block_all"] / full
-        res["saving_down_only_fraction"] = 1.0 - res["stop_after_last_block_down_only"] / full
-        res["note"] = "minimum of interleaved timings; an exception raised from an attn1_patch ends the forward"
-        return res
-
-    def derived(self) -> dict:
-        """Floors built from the diagnostics' real kernels (same process, other moment) and the every-step floor."""
-        if not getattr(self, "diag", None):
-            return {}
-        plain = self.summary["plain"]["step_s_median"]
-        reader = self.diag["reader"]["configs"]
-        writer = self.diag["writer"]
-        out: dict = {}
-        for name, e in self.summary.items():
-            if e["kind"] in ("cached_masked", "cached_unmasked"):
-                floor = plain + reader[name]["reader_minus_plain_s"]
-                out[name] = {"kernel_matched_floor_s": floor,
-                             "step_over_kernel_matched_floor": e["step_s_median"] / floor}
-            elif e["kind"] == "every_step":
-                like = self.configs[name]["keys_like"]
-                floor = (plain + writer[name]["writer_pass_s_median"] + reader[like]["reader_minus_plain_s"]
-                         + reader[like]["kv_projection_s"])
-                out[name] = {"every_step_floor_s": floor, "floor_over_plain": floor / plain,
-                             "step_over_every_step_floor": e["step_s_median"] / floor,
-                             "writer_share_of_step": writer[name]["writer_pass_s_median"] / e["step_s_median"]}
-        out["note"] = ("kernel_matched_floor = plain step + (the reader's real attention call - plain attention), "
-                       "i.e. with the SDPA kernel the biased path really uses; every_step_floor = plain step + one "
-                       "writer pass + reader attention extra + K/V projection: what a per-step writer must cost")
-        return out
-
-    def profile_step(self, name: str) -> dict:
-        """torch.profiler over a 2-step run: the ops with the most self time."""
-        from torch.profiler import ProfilerActivity, profile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda() else [])
-        with profile(activities=acts) as prof:
-            self.sample_run(name, steps=2)
-        key = "self_cuda_time_total" if on_cuda() else "self_cpu_time_total"
-        events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:20]
-        return {"sort_by": key, "steps": 2, "top_ops": [
-            {"op": e.key, "calls": e.count, "self_ms": getattr(e, key, 0) / 1000.0,
-             "total_ms": (e.cuda_time_total if on_cuda() else e.cpu_time_total) / 1000.0} for e in events]}
-
-    def diagnostics(self) -> None:
-        import comfy.model_management as mm
-
-        t0 = now()
-        mm.load_models_gpu([self.model])  # the kernels below use the model's weights outside a sampling run
-        diag = {"reader": self.reader_diagnostics(self.opts.attn_inner),
-                "writer": self.writer_diagnostics(2)}
-        missed = [n for n, ok in self.verdicts.items() if not ok]
-        if missed and not self.opts.no_profile:
-            worst_cached = max((n for n in missed if n.startswith("cached")),
-                               key=lambda n: self.summary[n]["over_floor_median"], default=None)
-            profiles = {"plain": self.profile_step("plain")}
-            if worst_cached:
-                profiles[worst_cached] = self.profile_step(worst_cached)
-            if any(n.startswith("every_step") for n in missed):
-                profiles["every_step_1"] = self.profile_step("every_step_1")
-            diag["profiles"] = profiles
-        self.diag = diag
-        self.diag["derived"] = self.derived()
-        self.phase_s["diagnostics"] = now() - t0
 
     # ------------------------------------------------------------------------------------------ bank at 512
     def bank_512(self) -> dict:
@@ -853,9 +520,24 @@ class Bench:
             json.dump(res, f, indent=1, default=str)
         os.replace(tmp, self.opts.out)
 
+    def environment(self) -> dict:
+        import comfy.ldm.modules.attention as comfy_attention
+        import comfy.model_management as mm
+
+        return environment(
+            str(self.device), self.opts.comfyui, dtype=str(self.dtype).replace("torch.", ""),
+            threads_note=("one intra-op thread by default on CPU: on a shared machine a preempted OpenMP thread "
+                          "makes the other spin at every barrier, which inflated wall and CPU time 2-6x at random "
+                          "in a 2-thread trial here; with one thread the process CPU time is the work done, and "
+                          "the ratios (a property of the work) are stable") if not on_cuda() else None,
+            attention_backend=getattr(comfy_attention.optimized_attention, "__name__", "?"),
+            attention_backend_note=("ComfyUI's optimized_attention (what plain attn1 and the unmasked reader use); "
+                                    "the reader's biased path (zero key, strength != 1) calls "
+                                    "torch.nn.functional.scaled_dot_product_attention directly"),
+            vram_state=str(getattr(mm, "vram_state", "")))
+
     def run(self) -> None:
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        self.env = environment(self.device, self.dtype, repo)
+        self.env = self.environment()
         self.probe: list = []
         self.chunks: list = []
         self.setup()
@@ -876,7 +558,11 @@ class Bench:
         self.phase_s["warmup"] = now() - t0
         self.repetitions()
         if not self.opts.no_diagnostics:
-            self.diagnostics()
+            from reference_diagnostics import diagnostics
+
+            t0 = now()
+            self.diag = diagnostics(self)
+            self.phase_s["diagnostics"] = now() - t0
             self.write()
         if not self.opts.no_bank512:
             self.bank512 = self.bank_512()
@@ -925,7 +611,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         opts.threads = 0 if torch.cuda.is_available() else 1
     if opts.threads > 0:
         torch.set_num_threads(opts.threads)
-    import_comfy(opts.comfyui, cpu=not torch.cuda.is_available())
+    setup_comfy(opts.comfyui)
     Bench(opts).run()
 
 

@@ -47,7 +47,7 @@ Run `python -m humanref COMMAND --help` for every option.
 RUN_EPILOG = """\
 examples:
   python -m humanref run workflows/api/references.json --server http://127.0.0.1:8188
-  python -m humanref run workflows/references.json --comfyui /opt/ComfyUI --models ./tiny \\
+  python -m humanref run workflows/1-references-portrait-from-photos.json --comfyui /opt/ComfyUI --models ./tiny \\
       --inputs workflows/inputs --set 1.ckpt_name=humanref-tiny-sd15.safetensors --set 13.steps=4
   python -m humanref run wf.json --server http://127.0.0.1:8188 --set 2.image=face.png --set KSampler.seed=7
 
@@ -129,11 +129,37 @@ def _raise_keyboard_interrupt(signum, frame):  # SIGTERM -> the same clean-up as
     raise KeyboardInterrupt
 
 
+def pack_copy_note(server) -> str:
+    """Which copy of HumanRef the private server loads (one copy only: see cli.server.installed_copy)."""
+    from .. import __version__
+    from .server import PACK_ROOT
+
+    if server.installed is None:
+        return f"HumanRef {__version__}: this copy ({PACK_ROOT}) is loaded into the server"
+    folder, version = server.installed
+    if folder == str(PACK_ROOT):
+        return f"HumanRef {version}: the copy installed in ComfyUI's custom_nodes ({folder}), which is this one"
+    note = (f"HumanRef {version} is installed in ComfyUI's custom_nodes ({folder}): the server loads that copy "
+            f"only, not this one ({PACK_ROOT})")
+    if version != __version__:
+        note += f"; note the versions differ (this one is {__version__})"
+    return note
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .client import ComfyClient, ComfyError, PromptRejected
     from .convert import ConversionError
-    from .run import (Progress, Uploader, UsageError, apply_sets, load_workflow, parse_sets, save_outputs,
-                      to_api, upload_from_dir)
+    from .run import (
+        Progress,
+        Uploader,
+        UsageError,
+        apply_sets,
+        load_workflow,
+        parse_sets,
+        save_outputs,
+        to_api,
+        upload_from_dir,
+    )
     from .server import LocalComfyUI, ServerError
 
     err = sys.stderr
@@ -151,6 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             server = LocalComfyUI(args.comfyui, models=args.models, cpu=args.cpu, extra_args=extra,
                                   start_timeout=args.start_timeout, log_path=args.server_log)
             print(f"starting ComfyUI from {server.comfyui} ...", file=err, flush=True)
+            print(pack_copy_note(server), file=err, flush=True)
             server.start()
             print(f"ComfyUI is up at {server.url} (temporary folder {server.tmp})", file=err, flush=True)
             url = server.url
@@ -191,6 +218,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     except (ComfyError, ServerError) as e:
         print(f"error: {e}", file=err)
+        if server is None and str(e).startswith("cannot reach ComfyUI"):
+            print("hint: start ComfyUI first, give its address with --server URL, or let this command start a "
+                  "private one from a ComfyUI folder: --comfyui /path/to/ComfyUI", file=err)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("\ninterrupted", file=err)

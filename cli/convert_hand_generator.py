@@ -24,9 +24,10 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m humanref conve
     import_comfy(args.comfyui)
     from safetensors.torch import save_file
 
-    from ..pipelines.hands.weights import convert_diffusers, read_weights
+    from ..pipelines.hands.weights import convert_diffusers
+    from ..pipelines.loading.files import read_state_dict
 
-    sd, meta = convert_diffusers(read_weights(args.unet), read_weights(args.mask_head),
+    sd, meta = convert_diffusers(read_state_dict(args.unet)[0], read_state_dict(args.mask_head)[0],
                                  {"mask_activation": args.mask_activation})
     save_file(sd, args.out, metadata=meta)
     print(f"wrote {args.out} ({len(sd)} tensors)")

@@ -79,7 +79,8 @@ def render_workflow(workflow: dict, scale: float = 1.0) -> Image.Image:
     for n in nodes:
         x, y, w, h = boxes[n["id"]]
         ours = str(n["type"]).startswith("HumanRef_")
-        draw.rounded_rectangle([x, y, x + w, y + h], 8, fill=(53, 53, 60), outline=(90, 200, 200) if ours else (80, 80, 90), width=2)
+        outline = (90, 200, 200) if ours else (80, 80, 90)
+        draw.rounded_rectangle([x, y, x + w, y + h], 8, fill=(53, 53, 60), outline=outline, width=2)
         draw.rounded_rectangle([x, y, x + w, y + TITLE_H], 8, fill=(30, 90, 95) if ours else (70, 70, 80))
         title = n.get("title") or n["type"].replace("HumanRef_", "") + (" (HumanRef)" if ours else "")
         draw.text((x + 8, y + 5), title, fill=(240, 240, 240), font=bold)

@@ -89,14 +89,26 @@ class Uploader:
         self.client = client
         self.log = log
         self._types: dict[str, list[str]] = {}
+        self._info: dict[str, dict] = {}
         self._done: dict[str, str] = {}
+
+    def node_info(self, class_type: str) -> dict:
+        """The server's /object_info entry of a node class ({} when the server does not know it)."""
+        if class_type not in self._info:
+            try:
+                self._info[class_type] = self.client.object_info(class_type).get(class_type) or {}
+            except ComfyError:
+                self._info[class_type] = {}
+        return self._info[class_type]
+
+    def input_names(self, class_type: str) -> list[str]:
+        """Every input the node class declares (required, then optional), in the server's order."""
+        declared = self.node_info(class_type).get("input") or {}
+        return [name for group in ("required", "optional") for name in (declared.get(group) or {})]
 
     def image_inputs(self, class_type: str) -> list[str]:
         if class_type not in self._types:
-            try:
-                info = self.client.object_info(class_type).get(class_type) or {}
-            except ComfyError:
-                info = {}
+            info = self.node_info(class_type)
             names = image_upload_inputs(info)
             if not names and class_type in LOAD_IMAGE_LIKE:
                 names = ["image"]
@@ -111,10 +123,26 @@ class Uploader:
         return self._done[path]
 
 
+def check_input_name(nid: str, node: dict, name: str, declared: list[str]) -> None:
+    """--set must name a real input: a typo would otherwise be queued as an extra input and silently ignored."""
+    given = list(node.get("inputs", {}))
+    known = declared or given
+    if name in known or name in given:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UsageError(f"--set {nid}.{name}: node {nid} ({node.get('class_type', '?')}) has no input {name!r}{hint}; "
+                     f"its inputs are: {', '.join(known) or 'none'}")
+
+
 def apply_sets(prompt: dict, sets: list[tuple[str, str, Any]], uploader: Optional[Uploader]) -> None:
     for ref, name, value in sets:
         nid = find_node(prompt, ref)
         node = prompt[nid]
+        declared = uploader.input_names(node.get("class_type", "")) if uploader is not None else []
+        check_input_name(nid, node, name, declared)
         inputs = node.setdefault("inputs", {})
         if (uploader is not None and isinstance(value, str) and os.path.isfile(value)
                 and name in uploader.image_inputs(node.get("class_type", ""))):
@@ -125,7 +153,7 @@ def apply_sets(prompt: dict, sets: list[tuple[str, str, Any]], uploader: Optiona
 def upload_from_dir(prompt: dict, folder: str, uploader: Uploader) -> None:
     """--inputs DIR: every image input whose file name exists in DIR is uploaded and pointed at the upload."""
     root = os.path.realpath(folder)
-    for nid, node in prompt.items():
+    for node in prompt.values():
         names = uploader.image_inputs(node.get("class_type", ""))
         for name in names:
             value = node.get("inputs", {}).get(name)
@@ -197,7 +225,6 @@ class Progress:
         self.last = text
 
     def __call__(self, kind: str, data: dict) -> None:
-        total = len(self.prompt)
         if kind == "queued":
             self.show(f"queued prompt {data.get('prompt_id')}")
         elif kind == "execution_cached":

@@ -38,6 +38,42 @@ class ServerError(RuntimeError):
     """The server could not be started (the message carries the end of its log)."""
 
 
+def _pack_identity(folder: str) -> Optional[str]:
+    """This pack's version if ``folder`` holds a copy of HumanRef (its pyproject names the project), else None."""
+    try:
+        with open(os.path.join(folder, "pyproject.toml"), encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return None
+    import re
+
+    if not re.search(r'^name\s*=\s*"humanref"\s*$', text, re.M):
+        return None
+    version = re.search(r'^version\s*=\s*"([^"]+)"', text, re.M)
+    return version.group(1) if version else "unknown"
+
+
+def installed_copy(comfyui: str) -> Optional[tuple[str, str]]:
+    """(folder, version) of a HumanRef already in ``comfyui``/custom_nodes (the README's install), or None.
+
+    ComfyUI loads every folder in its custom_nodes: starting it with our own copy linked in as well would import
+    the pack twice (two registrations of the same node ids, the second silently winning).
+    """
+    root = os.path.join(comfyui, "custom_nodes")
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return None
+    for name in names:
+        folder = os.path.join(root, name)
+        if name.endswith(".disabled") or not os.path.isdir(folder):
+            continue
+        version = _pack_identity(folder)
+        if version is not None:
+            return os.path.realpath(folder), version
+    return None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -46,7 +82,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def own_model_folders() -> tuple[str, ...]:
     try:
-        from .. import MODEL_FOLDERS
+        from ..nodes.model_files import MODEL_FOLDERS
     except ImportError:  # run outside the installed package
         return ()
     return tuple(MODEL_FOLDERS)
@@ -90,6 +126,7 @@ class LocalComfyUI:
                  extra_args: Sequence[str] = (), start_timeout: float = 180.0, log_path: Optional[str] = None,
                  python: Optional[str] = None, quiet: bool = False):
         self.comfyui = comfyui_path(comfyui)
+        self.installed = installed_copy(self.comfyui)  # (folder, version) of a HumanRef in its custom_nodes
         self.models = os.path.abspath(models) if models else None
         self.cpu = cpu
         self.extra_args = list(extra_args)
@@ -128,11 +165,13 @@ class LocalComfyUI:
         return os.path.join(self.tmp, "comfyui.log")
 
     def _write_config(self) -> str:
-        custom_nodes = self._dir("custom_nodes")
-        link = os.path.join(custom_nodes, PACK_NAME)
-        if not os.path.lexists(link):
-            os.symlink(str(PACK_ROOT), link, target_is_directory=True)
-        config: dict = {"humanref_pack": {"custom_nodes": custom_nodes}}
+        config: dict = {}
+        if self.installed is None:  # else ComfyUI loads the copy in its own custom_nodes, and only that one
+            custom_nodes = self._dir("custom_nodes")
+            link = os.path.join(custom_nodes, PACK_NAME)
+            if not os.path.lexists(link):
+                os.symlink(str(PACK_ROOT), link, target_is_directory=True)
+            config["humanref_pack"] = {"custom_nodes": custom_nodes}
         if self.models:
             entry = {"base_path": self.models}
             for name in MODEL_FOLDER_NAMES + own_model_folders():
@@ -159,7 +198,7 @@ class LocalComfyUI:
         return cmd + self.extra_args
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "LocalComfyUI":
+    def start(self) -> LocalComfyUI:
         if not os.path.isfile(os.path.join(self.comfyui, "main.py")):
             raise ServerError(f"no ComfyUI at {self.comfyui} (main.py not found): give --comfyui PATH or set "
                               "COMFYUI_PATH")
@@ -257,7 +296,7 @@ class LocalComfyUI:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
 
-    def __enter__(self) -> "LocalComfyUI":
+    def __enter__(self) -> LocalComfyUI:
         return self.start()
 
     def __exit__(self, *exc) -> None:

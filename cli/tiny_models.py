@@ -15,7 +15,8 @@ from ..pipelines.comfy_env import import_comfy
 from ..pipelines.synthetic.tiny import all_tiny_models
 
 
-def write_tiny_models(directory: str, comfyui: Optional[str], force: bool = False, log: TextIO = sys.stdout) -> list[str]:
+def write_tiny_models(directory: str, comfyui: Optional[str], force: bool = False,
+                      log: TextIO = sys.stdout) -> list[str]:
     """Write every tiny model under directory/<folder>/; existing files are kept unless force."""
     import_comfy(comfyui)
     from safetensors.torch import save_file

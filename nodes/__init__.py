@@ -1,28 +1,14 @@
-"""The pack's V3 nodes: thin schemas over pipelines/ and attention/.
+"""The pack's V3 nodes: thin schemas over pipelines/ and attention/, one module per method.
 
-Every module in this package that defines ``NODES`` (a list of node classes) contributes them; modules are
-read in name order so the node list is stable. One module per method keeps the methods out of each other's
-files.
+    extension.py    the node list in menu order, and the ComfyExtension that hands it to ComfyUI
+    references.py   Reference Encoder, Masked Shared Attention Patch (the training-free engine)
+    parts2whole.py  Parts2Whole Loader, Parts2Whole
+    mimicbrush.py   MimicBrush Loader, Conditioning, Paste
+    hands.py        Hand Generator Loader, Hand Generator, Hand Canvas, Sequential Mask Expand Outpaint
+    anydressing.py  Garment Encoder (node id HumanRef_GarmentLoRAExtractor)
+    types.py        every custom type (REFERENCE_BANK, PARTS2WHOLE, ...)
+    model_files.py  the pack's model folders: names, registration, listing and resolving files
+    slots.py        the numbered input groups (image_1, mask_1, label_1, ...)
+
+Nothing here imports ComfyUI, so the runner can read ``model_files`` outside it; the node modules do.
 """
-from __future__ import annotations
-
-import importlib
-import pkgutil
-
-from comfy_api.latest import ComfyExtension, io
-
-
-def _collect() -> list[type[io.ComfyNode]]:
-    found: list[type[io.ComfyNode]] = []
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        found.extend(getattr(module, "NODES", ()))
-    return found
-
-
-NODES: list[type[io.ComfyNode]] = _collect()
-
-
-class HumanRefExtension(ComfyExtension):
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return list(NODES)

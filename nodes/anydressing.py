@@ -1,78 +1,73 @@
-"""GarmentLoRAExtractor: AnyDressing's GarmentsNet, one writer pass over any set of garments -> REFERENCE_BANK."""
+"""AnyDressing's garment encoder (GarmentsNet): one writer pass over any set of garments -> a garment bank."""
 from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..pipelines.anydressing.weights import load_garment_weights
 from ..pipelines.anydressing.pipeline import build_garment_bank, garment_regions, prepare_garments
+from ..pipelines.anydressing.weights import load_garment_weights
+from .model_files import GARMENT_WEIGHTS, full_path, list_files
+from .slots import collect_slots
 from .types import ReferenceBankType
 
+CATEGORY = "HumanRef/AnyDressing"
 GARMENTS = 6
 DEFAULT_SLOTS = ("upper", "lower", "hat", "shoes", "bag", "outer")
 NO_WEIGHTS = "none (training-free)"
-FOLDER = "garment_weights"
-
-
-def weight_files() -> list[str]:
-    import folder_paths
-
-    from .. import register_model_folders
-
-    register_model_folders()  # already done when ComfyUI loaded the pack; needed in-process (tests, scripts)
-    return [NO_WEIGHTS] + list(folder_paths.get_filename_list(FOLDER))
 
 
 class GarmentLoRAExtractor(io.ComfyNode):
+    """Node id from the design (saved workflows use it); the menu calls it Garment Encoder, after what it outputs."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         inputs = [
-            io.Model.Input("writer", tooltip="GarmentsNet: any SD1.5 UNet (training-free: the checkpoint you "
-                                             "sample with). Its cross-attention is removed for this pass."),
-            io.Vae.Input("vae"),
-            io.Combo.Input("garment_weights", options=weight_files(), default=NO_WEIGHTS,
-                           tooltip="Trained garment weights (models/garment_weights, HumanRef format): per-slot "
-                                   "LoRA for the writer and W'_k/W'_v for the dressing attention. none = "
-                                   "training-free (no LoRA, W' = the reader's own to_k/to_v)."),
+            io.Model.Input("writer", tooltip="The model that reads the garments: any SD1.5 model. Without trained "
+                                             "weights, the checkpoint you sample with, before any style LoRA. It is "
+                                             "not modified (AnyDressing's GarmentsNet)."),
+            io.Vae.Input("vae", tooltip="Encodes the garment images: the VAE of your checkpoint."),
+            io.Combo.Input("garment_weights", options=[NO_WEIGHTS] + list_files(GARMENT_WEIGHTS), default=NO_WEIGHTS,
+                           tooltip="Trained garment weights from models/garment_weights/ (HumanRef's format) make "
+                                   "the garments come out more faithfully; 'none (training-free)' works with any "
+                                   "SD1.5 checkpoint. A file holds a LoRA per slot for the reading model and the "
+                                   "dressing attention's W'_k, W'_v."),
             io.Int.Input("max_side", default=768, min=0, max=4096, step=8,
-                         tooltip="Long side of the garments for the writer (aspect kept, multiples of 8); 0 keeps "
-                                 "the size."),
+                         tooltip="Long side the garments are resized to before reading (aspect kept, multiple of "
+                                 "8). Larger keeps finer detail but costs memory and time; 0 keeps the size."),
         ]
         for i in range(1, GARMENTS + 1):
+            first = "Required. " if i == 1 else ""
             inputs += [
                 io.Image.Input(f"garment_{i}", optional=i > 1,
-                               tooltip="One garment image (RGB; every garment the same size)."),
+                               tooltip=f"{first}One garment image (RGB, e.g. the garment on a plain background). "
+                                       "Every garment must have the same size."),
                 io.Mask.Input(f"mask_{i}", optional=True,
-                              tooltip="The garment's pixels (1 = garment): background tokens are left out."),
+                              tooltip=f"Optional: the garment's pixels in garment_{i} (white = garment), so its "
+                                      "background is not copied onto the person."),
                 io.String.Input(f"slot_{i}", default=DEFAULT_SLOTS[i - 1],
-                                tooltip="The garment's slot (upper, lower, hat, ...): picks its LoRA in the "
-                                        "garment weights; every garment needs its own slot."),
+                                tooltip="What kind of garment this is (upper, lower, hat, shoes, bag, outer, ...): "
+                                        "picks its part of the garment weights. Every garment needs its own slot."),
                 io.Mask.Input(f"region_{i}", optional=True,
-                              tooltip="Where this garment goes on the generated image (e.g. the torso for the "
-                                      "upper garment): elsewhere nothing attends to it. Beyond the paper."),
+                              tooltip=f"Optional: where garment_{i} goes in the generated picture (e.g. a torso "
+                                      "mask for the upper garment); elsewhere it has no effect. Any size, only the "
+                                      "shape counts. Beyond the paper."),
             ]
         return io.Schema(
             node_id="HumanRef_GarmentLoRAExtractor",
-            display_name="Garment LoRA Extractor (HumanRef)",
-            category="HumanRef",
-            description="AnyDressing's GarmentsNet: runs the writer once at t=0 with cross-attention removed, "
-                        "every garment its own batch item with its slot's LoRA, and outputs a bank of garment "
-                        "features for MaskedSharedAttentionPatch in dual mode (Dressing-Attention).",
+            display_name="Garment Encoder (HumanRef)",
+            category=CATEGORY,
+            description="Reads garment images into a garment bank (it makes no LoRA file): AnyDressing's GarmentsNet "
+                        "runs once, every garment on its own with its slot's LoRA when garment weights are chosen. "
+                        "Connect garment_bank to Masked Shared Attention Patch in dual mode (Dressing-Attention).",
             inputs=inputs,
-            outputs=[ReferenceBankType.Output(display_name="garment_bank")],
+            outputs=[ReferenceBankType.Output("garment_bank")],
         )
 
     @classmethod
     def execute(cls, writer, vae, garment_weights, max_side, **slots) -> io.NodeOutput:
-        inputs = [(i, slots.get(f"garment_{i}"), slots.get(f"mask_{i}"), slots.get(f"slot_{i}", DEFAULT_SLOTS[i - 1]))
-                  for i in range(1, GARMENTS + 1)]
-        garments = prepare_garments(inputs, max_side)
-        regions = garment_regions([(i, slots.get(f"region_{i}")) for i in range(1, GARMENTS + 1)], garments)
+        given = collect_slots(slots, GARMENTS, ("garment", "mask", "slot", "region"), {"slot": DEFAULT_SLOTS})
+        garments = prepare_garments([(i, image, mask, slot) for i, image, mask, slot, _ in given], max_side)
+        regions = garment_regions([(i, region) for i, _, _, _, region in given], garments)
         weights = None
         if garment_weights and garment_weights != NO_WEIGHTS:
-            import folder_paths
-
-            weights = load_garment_weights(folder_paths.get_full_path_or_raise(FOLDER, garment_weights))
+            weights = load_garment_weights(full_path(GARMENT_WEIGHTS, garment_weights, "garment_weights"))
         return io.NodeOutput(build_garment_bank(writer, vae, garments, weights, regions))
-
-
-NODES = [GarmentLoRAExtractor]

@@ -7,7 +7,9 @@
     anydressing/  AnyDressing: the garment bank (GarmentsNet writer) and the garment-weights format
     loading/      weight files and diffusers <-> ComfyUI UNet layouts, shared by the loaders
     synthetic/    random-weight models in the real key layouts (tests, ``python -m humanref tiny-models``)
+    images.py     IMAGE/MASK input checks, resizing and layout flips, shared by every method folder
 
-A method's folder imports ``references/`` and ``loading/`` but never another method's folder; nothing here
-imports the pack's ``nodes/`` or ``cli/`` (ComfyUI's own ``nodes`` module is imported as ``comfy_nodes``).
+A method's folder imports ``references/``, ``loading/`` and ``images.py`` but never another method's folder;
+nothing here imports the pack's ``nodes/`` or ``cli/`` (ComfyUI's own ``nodes`` module is imported as
+``comfy_nodes``).
 """

@@ -1,16 +1,15 @@
 """The SD1.5 base a trainer starts from: one single-file checkpoint (ldm keys), read without any network.
 
 The trainable UNet is a diffusers ``UNet2DConditionModel`` whose config is derived locally from ComfyUI's
-detection of the checkpoint and whose weights are renamed with ComfyUI's own key map
-(``comfy.utils.unet_to_diffusers``), the map the pack's writers use to turn the result back into ComfyUI
-names. The frozen parts come through ComfyUI's loaders, as the nodes see them at inference: the CLIP text
+detection of the checkpoint (``pipelines.loading.unet_configs``) and whose weights are renamed with ComfyUI's
+own key map (``pipelines.loading.diffusers_unet``), the map the pack's writers use to turn the result back into
+ComfyUI names. The frozen parts come through ComfyUI's loaders, as the nodes see them at inference: the CLIP text
 encoder (ComfyUI's tokenizer and prompt handling) and the VAE module (``first_stage_model``), so training and
 inference encode text, images and decoder features the same way.
 """
 from __future__ import annotations
 
 import os
-import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
@@ -18,8 +17,12 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..pipelines.loading.comfy_unet import UNET_PREFIX, config_family
+from ..pipelines.loading.diffusers_unet import diffusers_names
+from ..pipelines.loading.files import read_state_dict
+from ..pipelines.loading.unet_configs import diffusers_config_from_ldm_config
+
 SD15_SCALE = 0.18215  # comfy.latent_formats.SD15().scale_factor
-UNET_PREFIX = "model.diffusion_model."
 
 
 @dataclass(eq=False)
@@ -37,14 +40,12 @@ class BaseModel:
 
 def load_base(path: str) -> BaseModel:
     """An SD1.5 single-file checkpoint (``.safetensors``, or ``.ckpt`` read with ``weights_only``)."""
-    import comfy.utils
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--base {path}: no such file (an SD1.5 checkpoint, e.g. "
                                 "v1-5-pruned-emaonly.safetensors)")
     try:
-        sd = comfy.utils.load_torch_file(path, safe_load=True)
-    except Exception as e:  # a damaged header, a pickle with code
+        sd, _ = read_state_dict(path)
+    except ValueError as e:  # a damaged header, a pickle with code
         raise ValueError(f"--base {path} cannot be read as a checkpoint: {e}") from e
     return base_from_state_dict(sd, os.path.basename(path))
 
@@ -59,13 +60,13 @@ def base_from_state_dict(sd: Mapping[str, Tensor], name: str, clip: Any = None, 
         raise ValueError(f"{name} has no {UNET_PREFIX}* keys: not a single-file SD checkpoint (ldm key names); "
                          "diffusers folders are not read, convert them to one file first")
     config = comfy.model_detection.model_config_from_unet(sd, UNET_PREFIX)
-    family = type(config).__name__ if config is not None else "unknown"
+    family = config_family(config) or "unknown"
     if family != "SD15":
         raise ValueError(f"{name} is detected as {family}; the trainers fine-tune SD1.5 checkpoints (320 model "
                          "channels, 768 context)")
     unet_config = dict(config.unet_config)
     ldm = {k[len(UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
-    unet = ldm_to_diffusers(unet_config, ldm, name)
+    unet = {k: v.float() for k, v in diffusers_names(unet_config, ldm, name).items()}
     if clip is None or vae is None:
         _, loaded_clip, loaded_vae, _ = comfy.sd.load_state_dict_guess_config(sd, output_vae=vae is None,
                                                                               output_clip=clip is None,
@@ -81,52 +82,13 @@ def base_from_state_dict(sd: Mapping[str, Tensor], name: str, clip: Any = None, 
     return BaseModel(name, family, unet_config, unet, clip, module)
 
 
-def ldm_to_diffusers(unet_config: dict, ldm: Mapping[str, Tensor], name: str) -> dict[str, Tensor]:
-    """ComfyUI/ldm UNet keys -> diffusers names, every key accounted for."""
-    import comfy.utils
-
-    mapping = comfy.utils.unet_to_diffusers(unet_config)  # diffusers -> ldm
-    inverse = {v: k for k, v in mapping.items()}
-    unknown = sorted(k for k in ldm if k not in inverse)
-    if unknown:
-        raise ValueError(f"{name}: {len(unknown)} UNet keys have no diffusers name, e.g. {unknown[:5]}")
-    return {inverse[k]: v.float() for k, v in ldm.items()}
-
-
-def diffusers_unet_config(unet_config: dict, in_channels: Optional[int] = None) -> dict:
-    """The diffusers ``UNet2DConditionModel`` config of an SD1.5-family ldm config (built here: no download)."""
-    levels = len(unet_config["channel_mult"])
-    nrb = unet_config["num_res_blocks"]
-    if len(set(nrb)) != 1:
-        raise ValueError(f"unsupported UNet: res blocks differ per level ({nrb})")
-    nrb = nrb[0]
-    depth = unet_config["transformer_depth"]
-    per_level = [depth[i * nrb] for i in range(levels)]
-    if unet_config.get("num_head_channels", -1) not in (-1, None):
-        raise ValueError("unsupported UNet: heads given by channels per head (SDXL-style), expected SD1.5's 8 heads")
-    middle = unet_config.get("transformer_depth_middle", -1)
-    return {
-        "sample_size": 64,
-        "in_channels": int(in_channels or unet_config["in_channels"]),
-        "out_channels": int(unet_config.get("out_channels", 4)),
-        "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in per_level],
-        "up_block_types": ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(per_level)],
-        "mid_block_type": "UNetMidBlock2DCrossAttn" if middle and middle > 0 else None,
-        "block_out_channels": [unet_config["model_channels"] * m for m in unet_config["channel_mult"]],
-        "layers_per_block": nrb,
-        "transformer_layers_per_block": [max(1, d) for d in per_level],
-        "cross_attention_dim": int(unet_config["context_dim"]),
-        "attention_head_dim": int(unet_config["num_heads"]),
-        "use_linear_projection": bool(unet_config.get("use_linear_in_transformer", False)),
-    }
-
-
 def build_unet(base: BaseModel, in_channels: Optional[int] = None) -> Any:
     """A fresh trainable diffusers UNet with the base weights (fp32)."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):  # no random init of weights that are overwritten next
-        unet = UNet2DConditionModel(**diffusers_unet_config(base.unet_config, in_channels))
+        config = dict(base.unet_config, in_channels=in_channels or base.unet_config["in_channels"])
+        unet = UNet2DConditionModel(**diffusers_config_from_ldm_config(config))
     weights = {k: v.clone() for k, v in base.unet.items()}
     if in_channels is not None and in_channels != base.unet["conv_in.weight"].shape[1]:
         shape = (base.unet["conv_in.weight"].shape[0], in_channels) + tuple(base.unet["conv_in.weight"].shape[2:])
@@ -146,7 +108,7 @@ def transformer_paths(unet_config: dict) -> list[tuple[str, str]]:
 
     mapping = comfy.utils.unet_to_diffusers(unet_config)
     suffix = ".attn1.to_k.weight"
-    pairs = [(d[: -len(suffix)], l[: -len(suffix)]) for d, l in mapping.items() if d.endswith(suffix)]
+    pairs = [(d[: -len(suffix)], ldm[: -len(suffix)]) for d, ldm in mapping.items() if d.endswith(suffix)]
 
     def order(pair: tuple[str, str]) -> tuple:
         parts = pair[1].split(".")
@@ -156,7 +118,7 @@ def transformer_paths(unet_config: dict) -> list[tuple[str, str]]:
     return sorted(pairs, key=order)
 
 
-_TEXT_CACHE: "weakref.WeakKeyDictionary[Any, dict[str, Tensor]]" = weakref.WeakKeyDictionary()
+_TEXT_CACHE: weakref.WeakKeyDictionary[Any, dict[str, Tensor]] = weakref.WeakKeyDictionary()
 
 
 class TextEncoder:
@@ -211,7 +173,7 @@ def vae_decode(vae: torch.nn.Module, latents: Tensor, scale: float) -> Tensor:
 def decoder_mid_features(vae: torch.nn.Module, latents: Tensor, scale: float) -> Tensor:
     """The hand mask head's input for scaled latents: the decoder's middle-block output (512 channels, H/8).
 
-    The same sequence as ``pipelines.hand_weights.vae_mask_features`` at inference, differentiable.
+    The same sequence as ``pipelines.hands.weights.vae_mask_features`` at inference, differentiable.
     """
     decoder = vae.decoder
     h = vae.post_quant_conv(latents / scale)
@@ -242,7 +204,7 @@ class UNetTask:
 
     unet: torch.nn.Module
 
-    def _init_common(self, base: "BaseModel", config: Any) -> None:
+    def _init_common(self, base: BaseModel, config: Any) -> None:
         self.base = base
         self.config = config
         self.vae = base.vae

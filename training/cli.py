@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 PROG = "python -m humanref train"
@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _report(kind: str, directory: str, slots: Optional[str], min_confidence: float):
-    from .datasets import parse_slots, validate_garment_dataset, validate_hand_dataset
+    from .anydressing.data import parse_slots, validate_garment_dataset
+    from .hands.data import validate_hand_dataset
 
     if kind == "hand":
         report = validate_hand_dataset(directory, min_confidence)
@@ -197,10 +198,28 @@ def _work_dir(args: argparse.Namespace, out: str) -> str:
     return os.path.abspath(os.path.join("humanref-training", os.path.basename(out)[: -len(".safetensors")]))
 
 
+def _usable_samples(skip_validation: bool, scan: Callable[[], tuple[list, Any]], validate: Callable[[], Any]
+                    ) -> Optional[list]:
+    """The samples to train on (all that passed the validator), or None once the report has said why not."""
+    if skip_validation:
+        samples, report = scan()
+        if report.errors:
+            print(report.format(), file=sys.stderr)
+            return None
+        return samples
+    report = validate()
+    print(report.format(), file=sys.stderr)
+    if not report.ok:
+        print("error: fix the dataset first (nothing was trained)", file=sys.stderr)
+        return None
+    usable = set(report.samples)
+    return [s for s in scan()[0] if s.name in usable]
+
+
 def cmd_hand(args: argparse.Namespace) -> int:
     from .augment import ColorAugment
+    from .hands.data import HandDataConfig, hand_samples, validate_hand_dataset
     from .hands.trainer import HandTrainConfig
-    from .hands.data import HandDataConfig
 
     out = None if args.validate_only else _check_out(args)  # before the (long) validation pass
     train_config = HandTrainConfig(lr=args.lr, mask_head_lr=args.mask_head_lr, mask_weight=args.mask_weight,
@@ -210,21 +229,10 @@ def cmd_hand(args: argparse.Namespace) -> int:
                                    sample_cfg=args.sample_cfg)
     augment = None if args.augment_p <= 0 else ColorAugment(args.rgb_shift / 255.0, args.brightness, args.contrast,
                                                               args.augment_p)
-    from .datasets import hand_samples, validate_hand_dataset
-
-    if args.skip_validation:
-        samples, report = hand_samples(args.data)
-        if report.errors:
-            print(report.format(), file=sys.stderr)
-            return EXIT_FAILED
-    else:
-        report = validate_hand_dataset(args.data, args.min_confidence)
-        print(report.format(), file=sys.stderr)
-        if not report.ok:
-            print("error: fix the dataset first (nothing was trained)", file=sys.stderr)
-            return EXIT_FAILED
-        usable = set(report.samples)
-        samples = [s for s in hand_samples(args.data)[0] if s.name in usable]
+    samples = _usable_samples(args.skip_validation, lambda: hand_samples(args.data),
+                              lambda: validate_hand_dataset(args.data, args.min_confidence))
+    if samples is None:
+        return EXIT_FAILED
     if args.validate_only:
         return EXIT_OK
     mask_source = args.mask_source
@@ -235,8 +243,8 @@ def cmd_hand(args: argparse.Namespace) -> int:
                                  mask_source=mask_source, mask_dropout=args.mask_dropout, augment=augment)
     from ..pipelines.comfy_env import import_comfy
     from .base import load_base
-    from .hands.trainer import HandTask
     from .hands.data import HandDataset, collate
+    from .hands.trainer import HandTask
     from .loop import resolve_device, train
 
     loop = _loop_config(args, _work_dir(args, out))
@@ -253,8 +261,7 @@ def cmd_hand(args: argparse.Namespace) -> int:
 
 
 def cmd_garments(args: argparse.Namespace) -> int:
-    from .datasets import garment_samples, parse_slots, validate_garment_dataset
-    from .anydressing.data import GarmentDataConfig
+    from .anydressing.data import GarmentDataConfig, garment_samples, parse_slots, validate_garment_dataset
     from .anydressing.trainer import GarmentTrainConfig
 
     out = None if args.validate_only else _check_out(args)
@@ -268,25 +275,16 @@ def cmd_garments(args: argparse.Namespace) -> int:
                                       height=args.height, width=args.width, sample_steps=args.sample_steps,
                                       sample_cfg=args.sample_cfg, sample_dressing_scale=args.sample_dressing_scale)
     data_config = GarmentDataConfig(args.height, args.width)
-    if args.skip_validation:
-        samples, report = garment_samples(args.data, slots)
-        if report.errors:
-            print(report.format(), file=sys.stderr)
-            return EXIT_FAILED
-    else:
-        report = validate_garment_dataset(args.data, slots)
-        print(report.format(), file=sys.stderr)
-        if not report.ok:
-            print("error: fix the dataset first (nothing was trained)", file=sys.stderr)
-            return EXIT_FAILED
-        usable = set(report.samples)
-        samples = [s for s in garment_samples(args.data, slots)[0] if s.name in usable]
+    samples = _usable_samples(args.skip_validation, lambda: garment_samples(args.data, slots),
+                              lambda: validate_garment_dataset(args.data, slots))
+    if samples is None:
+        return EXIT_FAILED
     if args.validate_only:
         return EXIT_OK
     from ..pipelines.comfy_env import import_comfy
-    from .base import load_base
     from .anydressing.data import GarmentDataset
     from .anydressing.trainer import GarmentTask, collate
+    from .base import load_base
     from .loop import resolve_device, train
 
     loop = _loop_config(args, _work_dir(args, out))

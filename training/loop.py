@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import torch
@@ -180,7 +180,7 @@ def save_checkpoint(task: TrainingTask, optimizer: torch.optim.Optimizer, scaler
              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {}}
     torch.save(state, stem + ".state.pt.part")
     os.replace(stem + ".state.pt.part", stem + ".state.pt")
-    for old_step, path in checkpoint_paths(work_dir)[:-keep]:
+    for _step, path in checkpoint_paths(work_dir)[:-keep]:
         for p in (path, path[: -len(".state.pt")] + ".safetensors"):
             if os.path.exists(p):
                 os.remove(p)
@@ -220,44 +220,144 @@ class Log:
             print(text, file=self.stream or sys.stderr, flush=True)
 
 
-def train(task: TrainingTask, dataset: Any, collate: Any, config: LoopConfig, out_path: str,
-          metadata: Optional[dict] = None, log_stream: Any = None) -> dict:
-    """Run the loop to config.max_steps and write ``out_path``; returns a summary (last losses, speed, files)."""
-    config.check()
-    device = resolve_device(config.device)
-    dtype = resolve_precision(config.mixed_precision, device)
-    autocast = autocast_for(device, dtype)
-    checkpointing = device.type == "cuda" if config.gradient_checkpointing is None else config.gradient_checkpointing
-    os.makedirs(os.path.join(config.work_dir, "samples"), exist_ok=True)
-    log = Log(config.work_dir, log_stream)
-    metadata = dict(metadata or {})
+@dataclass
+class _Run:
+    """What the steps of one :func:`train` call share."""
 
-    task.to(device)
-    task.set_gradient_checkpointing(checkpointing)
+    task: TrainingTask
+    config: LoopConfig
+    device: torch.device
+    autocast: Any
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    trainable: list[Tensor]
+    log: Log
+    metadata: dict
+    step: int = 0
+    last: dict = field(default_factory=dict)  # the last step's losses and gradient norm
+    step_seconds: list[float] = field(default_factory=list)  # since the last log line
+    last_checkpoint: Optional[str] = None
+
+    @property
+    def per_step(self) -> int:
+        return self.config.batch_size * self.config.gradient_accumulation
+
+    def checkpoint(self) -> str:
+        self.last_checkpoint = save_checkpoint(self.task, self.optimizer, self.scaler, self.step,
+                                               self.config.work_dir, self.config.keep_checkpoints, self.metadata)
+        return self.last_checkpoint
+
+
+def _optimizer(task: TrainingTask, config: LoopConfig, device: torch.device, dtype: Optional[torch.dtype]
+               ) -> tuple[torch.optim.Optimizer, Optional[torch.amp.GradScaler], list[Tensor]]:
+    """AdamW over the task's groups (each remembers its base lr for the warm-up), a scaler for fp16."""
     groups = task.param_groups()
     for g in groups:
         g.setdefault("weight_decay", config.weight_decay)
         g["initial_lr"] = g["lr"]
     optimizer = torch.optim.AdamW(groups, foreach=True)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    step = 0
-    if config.resume:
-        weights, state_path = find_resume(config.resume, config.work_dir)
-        state = load_state(state_path)
-        if state["settings"] != task.settings():
-            raise ValueError(f"--resume {state_path}: the checkpoint was trained with {state['settings']}, this run "
-                             f"has {task.settings()}; resume with the same settings")
-        task.load(weights)
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
-        log({"event": "resume", "step": step, "from": weights}, f"resumed from {weights} at step {step}")
-    trainable = [p for g in groups for p in g["params"]]
+    return optimizer, scaler, [p for g in groups for p in g["params"]]
 
-    per_step = config.batch_size * config.gradient_accumulation
+
+def _resume(run: _Run) -> None:
+    """Weights, optimizer and scaler state and the step of ``--resume``; the settings must match this run's."""
+    weights, state_path = find_resume(run.config.resume, run.config.work_dir)
+    state = load_state(state_path)
+    if state["settings"] != run.task.settings():
+        raise ValueError(f"--resume {state_path}: the checkpoint was trained with {state['settings']}, this run "
+                         f"has {run.task.settings()}; resume with the same settings")
+    run.task.load(weights)
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.step = int(state["step"])
+    run.log({"event": "resume", "step": run.step, "from": weights}, f"resumed from {weights} at step {run.step}")
+
+
+def _optimizer_step(run: _Run, batches: Iterator[dict]) -> dict[str, float]:
+    """One optimizer step over ``gradient_accumulation`` batches; returns the mean loss parts."""
+    config, optimizer, scaler = run.config, run.optimizer, run.scaler
+    factor = min(1.0, (run.step + 1) / config.lr_warmup_steps) if config.lr_warmup_steps else 1.0
+    for g in optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * factor
+    optimizer.zero_grad(set_to_none=True)
+    gen = step_generator(config.seed, run.step)
+    totals: dict[str, float] = {}
+    for _ in range(config.gradient_accumulation):
+        batch = _move(next(batches), run.device)
+        loss, parts = run.task.compute_loss(batch, gen, run.autocast)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {run.step}: the loss is {float(loss)} ({parts}); lower --lr, or use "
+                                     "--mixed-precision bf16/no instead of fp16")
+        scaled = loss / config.gradient_accumulation
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        for k, v in parts.items():
+            totals[k] = totals.get(k, 0.0) + float(v) / config.gradient_accumulation
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, config.max_grad_norm if config.max_grad_norm > 0
+                                               else math.inf)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    run.step += 1
+    run.last = dict(totals, grad_norm=float(grad_norm))
+    return totals
+
+
+def _periodic(run: _Run, losses: dict[str, float], sample_batch: Optional[dict]) -> None:
+    """After a step: the log line, the checkpoint and the sample grid that are due."""
+    config, step = run.config, run.step
+    if config.log_every and (step % config.log_every == 0 or step == config.max_steps):
+        speed = run.per_step * len(run.step_seconds) / max(sum(run.step_seconds), 1e-9)
+        run.step_seconds.clear()
+        text = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+        run.log({"event": "step", "step": step, **run.last, "lr": run.optimizer.param_groups[0]["lr"],
+                 "samples_per_s": speed}, f"step {step}/{config.max_steps}: {text} ({speed:.2f} samples/s)")
+    if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:
+        path = run.checkpoint()
+        run.log({"event": "checkpoint", "step": step, "path": path}, f"checkpoint {path}")
+    if sample_batch is not None and (step % config.sample_every == 0 or step == config.max_steps):
+        _samples(run, sample_batch)
+
+
+def _samples(run: _Run, sample_batch: dict) -> None:
+    """The sample grid of this step (always from the same seed), modules in eval mode meanwhile."""
+    path = os.path.join(run.config.work_dir, "samples", f"step_{run.step:07d}.png")
+    modules = run.task.modules()
+    for m in modules:
+        m.eval()
+    with torch.no_grad():
+        grid = run.task.sample_grid(_move(sample_batch, run.device), torch.Generator().manual_seed(run.config.seed),
+                                    run.autocast)
+    for m in modules:
+        m.train()
+    save_png(grid, path)
+    run.log({"event": "samples", "step": run.step, "path": path}, f"samples {path}")
+
+
+def train(task: TrainingTask, dataset: Any, collate: Any, config: LoopConfig, out_path: str,
+          metadata: Optional[dict] = None, log_stream: Any = None) -> dict:
+    """Run the loop to config.max_steps and write ``out_path``; returns a summary (last losses, speed, files)."""
+    config.check()
+    device = resolve_device(config.device)
+    dtype = resolve_precision(config.mixed_precision, device)
+    checkpointing = device.type == "cuda" if config.gradient_checkpointing is None else config.gradient_checkpointing
+    os.makedirs(os.path.join(config.work_dir, "samples"), exist_ok=True)
+    log = Log(config.work_dir, log_stream)
+
+    task.to(device)
+    task.set_gradient_checkpointing(checkpointing)
+    optimizer, scaler, trainable = _optimizer(task, config, device, dtype)
+    run = _Run(task, config, device, autocast_for(device, dtype), optimizer, scaler, trainable, log,
+               dict(metadata or {}))
+    if config.resume:
+        _resume(run)
     loader = DataLoader(dataset, batch_size=config.batch_size, collate_fn=collate, num_workers=config.workers,
-                        sampler=EpochSampler(len(dataset), config.seed, start=step * per_step),
+                        sampler=EpochSampler(len(dataset), config.seed, start=run.step * run.per_step),
                         pin_memory=device.type == "cuda", persistent_workers=False)
     batches = iter(loader)
     sample_batch = None
@@ -265,78 +365,29 @@ def train(task: TrainingTask, dataset: Any, collate: Any, config: LoopConfig, ou
         sample_batch = collate([dataset[(0, i % len(dataset))] for i in range(config.sample_count)])
     for m in task.modules():
         m.train()
-    log({"event": "start", "kind": task.kind, "step": step, "max_steps": config.max_steps, "device": str(device),
-         "precision": str(dtype or torch.float32), "gradient_checkpointing": checkpointing,
+    log({"event": "start", "kind": task.kind, "step": run.step, "max_steps": config.max_steps,
+         "device": str(device), "precision": str(dtype or torch.float32), "gradient_checkpointing": checkpointing,
          "loop": asdict(config), "settings": task.settings()},
-        f"{task.kind}: {len(dataset)} samples, steps {step}..{config.max_steps}, batch {config.batch_size} x "
+        f"{task.kind}: {len(dataset)} samples, steps {run.step}..{config.max_steps}, batch {config.batch_size} x "
         f"{config.gradient_accumulation}, {device}, {dtype or torch.float32}, gradient checkpointing "
         f"{'on' if checkpointing else 'off'}")
-    last: dict = {}
-    t_start, samples_seen, window = time.monotonic(), 0, []
-    last_checkpoint = None
+    t_start, samples_seen = time.monotonic(), 0
     try:
-        while step < config.max_steps:
+        while run.step < config.max_steps:
             t0 = time.monotonic()
-            factor = min(1.0, (step + 1) / config.lr_warmup_steps) if config.lr_warmup_steps else 1.0
-            for g in optimizer.param_groups:
-                g["lr"] = g["initial_lr"] * factor
-            optimizer.zero_grad(set_to_none=True)
-            gen = step_generator(config.seed, step)
-            totals: dict[str, float] = {}
-            for _ in range(config.gradient_accumulation):
-                batch = _move(next(batches), device)
-                loss, parts = task.compute_loss(batch, gen, autocast)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"step {step}: the loss is {float(loss)} ({parts}); lower --lr, or use "
-                                             "--mixed-precision bf16/no instead of fp16")
-                scaled = loss / config.gradient_accumulation
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                for k, v in parts.items():
-                    totals[k] = totals.get(k, 0.0) + float(v) / config.gradient_accumulation
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm if config.max_grad_norm > 0
-                                                       else math.inf)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            step += 1
-            samples_seen += per_step
-            window.append(time.monotonic() - t0)
-            last = dict(totals, grad_norm=float(grad_norm))
-            if config.log_every and (step % config.log_every == 0 or step == config.max_steps):
-                speed = per_step * len(window) / max(sum(window), 1e-9)
-                window.clear()
-                text = " ".join(f"{k} {v:.4f}" for k, v in totals.items())
-                log({"event": "step", "step": step, **last, "lr": optimizer.param_groups[0]["lr"],
-                     "samples_per_s": speed}, f"step {step}/{config.max_steps}: {text} ({speed:.2f} samples/s)")
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:
-                last_checkpoint = save_checkpoint(task, optimizer, scaler, step, config.work_dir,
-                                                  config.keep_checkpoints, metadata)
-                log({"event": "checkpoint", "step": step, "path": last_checkpoint}, f"checkpoint {last_checkpoint}")
-            if sample_batch is not None and (step % config.sample_every == 0 or step == config.max_steps):
-                path = os.path.join(config.work_dir, "samples", f"step_{step:07d}.png")
-                for m in task.modules():
-                    m.eval()
-                with torch.no_grad():
-                    grid = task.sample_grid(_move(sample_batch, device), torch.Generator().manual_seed(config.seed),
-                                            autocast)
-                for m in task.modules():
-                    m.train()
-                save_png(grid, path)
-                log({"event": "samples", "step": step, "path": path}, f"samples {path}")
+            losses = _optimizer_step(run, batches)
+            samples_seen += run.per_step
+            run.step_seconds.append(time.monotonic() - t0)
+            _periodic(run, losses, sample_batch)
     except KeyboardInterrupt:
-        if step > 0:
-            last_checkpoint = save_checkpoint(task, optimizer, scaler, step, config.work_dir, config.keep_checkpoints,
-                                              metadata)
-            log({"event": "interrupted", "step": step, "path": last_checkpoint},
-                f"interrupted: saved {last_checkpoint}; continue with --resume latest")
+        if run.step > 0:
+            path = run.checkpoint()
+            log({"event": "interrupted", "step": run.step, "path": path},
+                f"interrupted: saved {path}; continue with --resume latest")
         raise
-    task.save(out_path, dict(metadata, step=str(step)))
+    task.save(out_path, dict(run.metadata, step=str(run.step)))
     elapsed = time.monotonic() - t_start
-    summary = {"event": "done", "step": step, "out": out_path, "last": last, "seconds": elapsed,
-               "samples_per_s": samples_seen / elapsed if elapsed > 0 else 0.0, "last_checkpoint": last_checkpoint}
-    log(summary, f"wrote {out_path} after {step} steps")
+    summary = {"event": "done", "step": run.step, "out": out_path, "last": run.last, "seconds": elapsed,
+               "samples_per_s": samples_seen / elapsed if elapsed > 0 else 0.0, "last_checkpoint": run.last_checkpoint}
+    log(summary, f"wrote {out_path} after {run.step} steps")
     return summary

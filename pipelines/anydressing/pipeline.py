@@ -19,18 +19,18 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-import comfy.model_management
-
-from ...attention.bank import ReferenceBank, ReferenceInfo, MaskProjector
+from ...attention.bank import MaskProjector, ReferenceBank, ReferenceInfo, Timing
 from ...attention.blocks import BlockInfo, block_label, walk_transformer_blocks
-from .weights import GarmentWeights, SlotLoRA
-from ..references.inputs import resize_image, resize_mask, writer_size
-from ..references.patch import host_attention, model_family
-from ..references.writer import WriterGroup, WriterInputs, check_writer_input, encode_images, progress_bar, run_writer
+from ...attention.lora import slot_lora_delta
+from ..images import check_image, check_not_empty, one_mask, resize_image, resize_mask
+from ..loading.comfy_unet import model_family
+from ..references.inputs import writer_size
+from ..references.patch import bank_from_writer, existing_replaces, host_attention, replaced_by_another
+from ..references.writer import WriterGroup, WriterInputs, check_writer_input, encode_images, progress_bar
+from .weights import MASK_RULE, GarmentWeights, SlotLoRA
 
 log = logging.getLogger("humanref")
 STASH_KEY = "humanref_garment_attn1_input"
-MASK_RULE = "parts2whole"  # a binary garment mask stays binary on every grid (one-token dilation)
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,25 +57,20 @@ def prepare_garments(
             if mask is not None:
                 raise ValueError(f"{mname} is connected but {gname} is not")
             continue
-        if image.ndim != 4 or image.shape[0] != 1:
+        image = check_image(image, gname)
+        if image.shape[0] != 1:
             raise ValueError(f"{gname} must be one IMAGE [1, height, width, 3], got shape {tuple(image.shape)}: "
                              "give one image per garment input")
         if image.shape[-1] == 4:
             raise ValueError(f"{gname} has an alpha channel (4 channels): composite the garment onto a plain "
                              f"background first and give its alpha as {mname}")
-        if image.shape[-1] != 3:
-            raise ValueError(f"{gname} must have 3 channels (RGB), got {image.shape[-1]}")
         slot = slot.strip()
         if not slot:
             raise ValueError(f"{sname} is empty: name the garment's slot, e.g. 'upper' or 'lower'")
         if mask is not None:
-            if mask.ndim == 3 and mask.shape[0] == 1:
-                mask = mask[0]
-            if mask.ndim != 2:
-                raise ValueError(f"{mname} must be one MASK [1, height, width], got shape {tuple(mask.shape)}")
-            if float(mask.max()) <= 0.0:
-                raise ValueError(f"{mname} is empty (all zero): it would select nothing of {gname}; disconnect it "
-                                 "to use the whole image")
+            mask = one_mask(mask, mname)
+            check_not_empty(mask[None], mname, f"it would select nothing of {gname}; disconnect it to use the "
+                                               "whole image")
         given.append((number, image[0], mask, slot))
     if not given:
         raise ValueError("no garments: connect garment_1 (and more garment inputs for more garments)")
@@ -101,7 +96,7 @@ def prepare_garments(
             if tuple(mask.shape) != (height, width):
                 log.warning("HumanRef: mask_%d is %dx%d but garment_%d is %dx%d; resizing the mask to the garment",
                             number, mask.shape[1], mask.shape[0], number, width, height)
-            m = resize_mask(mask.unsqueeze(0).float(), size)[0]
+            m = resize_mask(mask.unsqueeze(0), size)[0]
         out.append(Garment(img, m, slot, number))
     return out
 
@@ -119,14 +114,10 @@ def garment_regions(regions: Sequence[tuple[int, Optional[Tensor]]], garments: S
     for number, mask in given.items():
         if number not in numbers:
             raise ValueError(f"region_{number} is connected but garment_{number} is not")
-        if mask.ndim == 3 and mask.shape[0] == 1:
-            mask = mask[0]
-        if mask.ndim != 2:
-            raise ValueError(f"region_{number} must be one MASK [1, height, width], got shape {tuple(mask.shape)}")
-        if float(mask.max()) <= 0.0:
-            raise ValueError(f"region_{number} is empty (all zero): garment_{number} would be nowhere; disconnect "
-                             "it to let the garment go anywhere")
-        given[number] = mask.float()
+        mask = one_mask(mask, f"region_{number}")
+        check_not_empty(mask[None], f"region_{number}", f"garment_{number} would be nowhere; disconnect it to let "
+                                                        "the garment go anywhere")
+        given[number] = mask
     first = next(iter(given.values()))
     size = (int(first.shape[0]), int(first.shape[1]))
     out = []
@@ -158,7 +149,7 @@ class GarmentLoRAReplace:
         self.up = [torch.stack([getattr(r, p)[1].float() for r in rows]) for p in ("q", "k", "v")]
         self._cast: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
 
-    def __deepcopy__(self, memo: dict) -> "GarmentLoRAReplace":
+    def __deepcopy__(self, memo: dict) -> GarmentLoRAReplace:
         return self
 
     def _weights(self, like: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -177,11 +168,10 @@ class GarmentLoRAReplace:
             raise RuntimeError(f"HumanRef: garment writer got a batch of {q.shape[0]} rows for "
                                f"{self.down[0].shape[0]} garments")
         downs, ups = self._weights(q)
-        out = []
-        for t, src, d, u in zip((q, k, v), stash, downs, ups):
-            delta = torch.bmm(torch.bmm(src.to(q.dtype), d.transpose(1, 2)), u.transpose(1, 2))
-            out.append(t + self.scale * delta)
-        return host_attention(extra_options)(out[0], out[1], out[2], extra_options["n_heads"])
+        dtype = q.dtype
+        q, k, v = [t + slot_lora_delta(src.to(dtype), d, u, self.scale)
+                   for t, src, d, u in zip((q, k, v), stash, downs, ups)]
+        return host_attention(extra_options)(q, k, v, extra_options["n_heads"])
 
 
 def garment_writer(writer: Any, blocks: Sequence[BlockInfo], rows: Optional[Sequence[str]],
@@ -191,12 +181,12 @@ def garment_writer(writer: Any, blocks: Sequence[BlockInfo], rows: Optional[Sequ
     patcher.set_model_attn2_output_patch(_no_cross_attention)
     if weights is None or rows is None:
         return patcher
-    replaces = patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    replaces = existing_replaces(patcher, "attn1")
     patcher.set_model_attn1_patch(_stash_attn1_input)
     for b in blocks:
         if b.key in replaces:
-            raise ValueError(f"another node already replaces self-attention at writer block {block_label(b.key)} "
-                             f"({type(replaces[b.key]).__name__}); give the garment extractor a plain writer model")
+            raise replaced_by_another(f"writer block {block_label(b.key)}", replaces[b.key],
+                                      "give the garment extractor a plain writer model")
         per_row = [weights.lora[slot][b.path] for slot in rows]
         patcher.set_model_attn1_replace(GarmentLoRAReplace(b, per_row, weights.scale), b.key[0], b.key[1], b.key[2])
     return patcher
@@ -242,12 +232,8 @@ def build_garment_bank(writer: Any, vae: Any, garments: Sequence[Garment],
         projector=MaskProjector([g.mask for g in garments], MASK_RULE),
         count=len(garments),
     )
-    comfy.model_management.load_models_gpu([patcher])
-    features = run_writer(inputs, 0.0, keep_device=comfy.model_management.intermediate_device(), progress=pbar)
     infos = tuple(ReferenceInfo(g.slot, sid, (g.image.shape[0], g.image.shape[1]), g.mask is not None)
                   for g, sid in zip(garments, slot_ids))
-    projections = None
-    if weights is not None:
-        projections = {b.key: weights.dressing[b.path] for b in blocks}
-    return ReferenceBank(infos, {b.key: b.channels for b in blocks}, "once at t=0", MASK_RULE, features=features,
-                         family=family, projections=projections, regions=regions)
+    projections = None if weights is None else {b.key: weights.dressing[b.path] for b in blocks}
+    return bank_from_writer(inputs, infos, Timing.ONCE, MASK_RULE, progress=pbar, projections=projections,
+                            regions=regions)

@@ -33,12 +33,14 @@ from torch import Tensor
 
 from ...attention.blocks import BlockInfo
 from ...attention.kernels import LinearWeights
+from ..loading.files import read_state_dict
 
 FORMAT = "humanref.garment_weights"
 FORMAT_VERSION = "1"
 LORA_PROJS: tuple[str, ...] = ("to_q", "to_k", "to_v")
 DRESSING_PROJS: tuple[str, ...] = ("to_k", "to_v")
 SLOT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+MASK_RULE = "parts2whole"  # garment token masks: a binary mask stays binary on every grid (one-token dilation)
 _LORA_KEY = re.compile(r"^garment\.(?P<slot>[A-Za-z0-9_-]+)\.(?P<path>.+)\.attn1\.(?P<proj>to_q|to_k|to_v)"
                        r"\.lora_(?P<part>down|up)\.weight$")
 _DRESSING_KEY = re.compile(r"^dressing\.(?P<path>.+)\.attn1\.(?P<proj>to_k|to_v)\.(?P<part>weight|bias)$")
@@ -66,7 +68,7 @@ class GarmentWeights:
     dressing: Mapping[str, tuple[LinearWeights, LinearWeights]]  # block path -> (W'_k, W'_v)
     widths: Mapping[str, int]  # block path -> channels
 
-    def __deepcopy__(self, memo: dict) -> "GarmentWeights":
+    def __deepcopy__(self, memo: dict) -> GarmentWeights:
         return self
 
     @property
@@ -204,16 +206,12 @@ def parse_garment_weights(sd: Mapping[str, Tensor], metadata: Optional[Mapping[s
 
 def load_garment_weights(path: str) -> GarmentWeights:
     """Load and validate a garment-weights safetensors file."""
-    from safetensors import safe_open
-
     name = os.path.basename(path)
     if not path.endswith(".safetensors"):
         raise ValueError(f"garment_weights {name}: only .safetensors files are read")
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            metadata = f.metadata()
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own SafetensorError for a damaged header
+        sd, metadata = read_state_dict(path)
+    except ValueError as e:
         raise ValueError(f"garment_weights {name} cannot be read as safetensors ({e}); is the file complete?") from e
     return parse_garment_weights(sd, metadata, name)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .condition import paste
 from .draw import draw_body, draw_hand
 from .generator import HandCrops
-from .condition import paste
 from .keypoints import HANDS
 
 

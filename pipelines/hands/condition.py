@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..images import resize_square
 from .draw import default_line_width, draw_hand, finger_heatmaps, keypoint_hand_mask
 from .keypoints import HANDS, Person, valid
 
@@ -78,7 +79,8 @@ def _intersect(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
     return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[2] and b[1] < a[1] + a[2]
 
 
-def plan_crops(person: Person, size: int = DEFAULT_SIZE, crop_scale: float = DEFAULT_CROP_SCALE) -> tuple[HandCrop, ...]:
+def plan_crops(person: Person, size: int = DEFAULT_SIZE,
+               crop_scale: float = DEFAULT_CROP_SCALE) -> tuple[HandCrop, ...]:
     """One crop for both hands when their squares intersect, else one per hand (left first)."""
     if size < 64 or size % 8:
         raise ValueError(f"crop size must be a multiple of 8 and at least 64, got {size}")
@@ -103,16 +105,12 @@ def crop_image(image: Tensor, crop: HandCrop) -> Tensor:
     ye, xe = min(crop.y0 + crop.side, h), min(crop.x0 + crop.side, w)
     if ye > ys and xe > xs:
         out[ys - crop.y0:ye - crop.y0, xs - crop.x0:xe - crop.x0] = image[ys:ye, xs:xe]
-    return resize_square(out, crop.size)
+    return _resize(out, crop.size)
 
 
-def resize_square(image: Tensor, size: int) -> Tensor:
-    """[S, S, C] -> [size, size, C] (bilinear, antialiased when shrinking)."""
-    if image.shape[0] == size:
-        return image.clone()
-    x = image.permute(2, 0, 1).unsqueeze(0).float()
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < image.shape[0])
-    return x[0].permute(1, 2, 0).to(image.dtype)
+def _resize(image: Tensor, size: int) -> Tensor:
+    """[S, S, C] in 0..1 -> [size, size, C]: bilinear, antialiased when shrinking."""
+    return resize_square(image[None], size, "bilinear", antialias=size < image.shape[0])[0]
 
 
 def paste(canvas: Tensor, patch: Tensor, alpha: Tensor, crop: HandCrop) -> tuple[Tensor, Tensor]:
@@ -122,8 +120,8 @@ def paste(canvas: Tensor, patch: Tensor, alpha: Tensor, crop: HandCrop) -> tuple
     the crop beyond the canvas clipped).
     """
     h, w = canvas.shape[:2]
-    p = resize_square(patch, crop.side)
-    a = resize_square(alpha.unsqueeze(-1), crop.side)[..., 0].clamp(0.0, 1.0)
+    p = _resize(patch, crop.side)
+    a = _resize(alpha.unsqueeze(-1), crop.side)[..., 0].clamp(0.0, 1.0)
     out_p = torch.zeros(h, w, patch.shape[-1], dtype=canvas.dtype)
     out_a = torch.zeros(h, w, dtype=canvas.dtype)
     ys, xs = max(crop.y0, 0), max(crop.x0, 0)

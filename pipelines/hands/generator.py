@@ -20,8 +20,15 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .condition import (HandCrop, crop_image, downscale_condition, hand_condition, hand_skeleton,
-                             keypoint_mask, plan_crops)
+from .condition import (
+    HandCrop,
+    crop_image,
+    downscale_condition,
+    hand_condition,
+    hand_skeleton,
+    keypoint_mask,
+    plan_crops,
+)
 from .keypoints import Person, PoseFrame
 
 
@@ -49,10 +56,10 @@ def plan(frame: PoseFrame, person: Person, size: int, crop_scale: float) -> Hand
 
 
 def _sample(model: Any, positive: list, negative: list, batch: int, size: int, o: SamplingOptions) -> Tensor:
-    import nodes
+    import nodes as comfy_nodes
 
     latent = torch.zeros(batch, 4, size // 8, size // 8)
-    (out,) = nodes.common_ksampler(model, o.seed, o.steps, o.cfg, o.sampler_name, o.scheduler, positive, negative,
+    (out,) = comfy_nodes.common_ksampler(model, o.seed, o.steps, o.cfg, o.sampler_name, o.scheduler, positive, negative,
                                    {"samples": latent})
     return out["samples"]
 
@@ -100,13 +107,13 @@ def generate_training_free(model: Any, positive: list, negative: list, vae: Any,
                            hands: HandCrops, options: SamplingOptions, strength: float = 1.0,
                            dilation: float = 8.0) -> tuple[Tensor, Tensor]:
     """(IMAGE, MASK): SD1.5 + OpenPose ControlNet on each crop's hands-only skeleton; keypoint masks."""
-    import nodes
+    import nodes as comfy_nodes
 
     if control_net is None:
         raise ValueError("the training-free hand generator needs an OpenPose ControlNet: connect control_net "
                          "(e.g. control_v11p_sd15_openpose) or choose a trained hand_generator file")
     hint = skeletons(hands)
-    pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control_net, hint, strength,
+    pos, neg = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control_net, hint, strength,
                                                                 0.0, 1.0, vae=vae)
     samples = _sample(model, pos, neg, len(hands.crops), hands.crops[0].size, options)
     images = vae.decode(samples)[..., :3].float().cpu()

@@ -16,7 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BLENDINGS = ("sequential expansion", "naive", "bounding box")
+from ...attention.labels import Labeled
+
+
+class Blending(Labeled):
+    """How the kept hands meet the outpainted body (the node's combo labels, saved in workflows)."""
+
+    SEQUENTIAL = "sequential expansion"  # the paper's method
+    NAIVE = "naive"  # baseline: the original mask at every masked step
+    BOUNDING_BOX = "bounding box"  # baseline: each part's bounding box
+
+
+BLENDINGS: tuple[str, ...] = Blending.labels()
 SCHEDULES = ("linear", "cosine", "quadratic")
 
 
@@ -80,23 +91,22 @@ def component_boxes(mask: Tensor, threshold: float = 0.0) -> Tensor:
 
 
 def keep_schedule(mask: Tensor, steps: int, unmasked_last: int = 2, max_radius: float = 8.0,
-                  blending: str = "sequential expansion", schedule: str = "linear") -> list[Optional[Tensor]]:
+                  blending: Blending = Blending.SEQUENTIAL, schedule: str = "linear") -> list[Optional[Tensor]]:
     """One keep mask ([B, 1, h, w], 1 = keep the canvas) per step; None for the unmasked final steps."""
-    if blending not in BLENDINGS:
-        raise ValueError(f"blending must be one of {BLENDINGS}, got {blending!r}")
+    blending = Blending.from_label(blending, "blending")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     if unmasked_last < 0:
         raise ValueError(f"unmasked final steps must be >= 0, got {unmasked_last}")
     masked = max(steps - unmasked_last, 0)
-    if blending == "sequential expansion":
+    if blending == Blending.SEQUENTIAL:
         cache: dict[float, Tensor] = {}
         keeps = []
         for r in expansion_radii(masked, max_radius, schedule):
             if r not in cache:
                 cache[r] = dilate(mask, r)
             keeps.append(cache[r])
-    elif blending == "naive":
+    elif blending == Blending.NAIVE:
         keeps = [mask] * masked
     else:
         keeps = [component_boxes(mask)] * masked

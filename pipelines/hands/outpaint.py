@@ -5,7 +5,7 @@ The per-step keep mask goes in through ``set_model_denoise_mask_function`` on a 
 m = 1 - keep, i.e. the keep region is the canvas latent noised to the current sigma (Blended Latent Diffusion,
 eq. 11). The mask is chosen from the sigma of the call (:func:`mask_expand.step_index`), so first- and
 second-order samplers alike see the mask of the step they are in. Sampling itself is ComfyUI's own KSampler
-path (``nodes.common_ksampler``): progress bar, latent previews, every sampler and scheduler.
+path (ComfyUI's ``nodes.common_ksampler``): progress bar, latent previews, every sampler and scheduler.
 """
 from __future__ import annotations
 
@@ -17,43 +17,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .mask_expand import keep_schedule, step_index
+from ..images import check_image, check_mask, fit_mask, to_bchw, to_bhwc
+from .generator import SamplingOptions
+from .mask_expand import Blending, keep_schedule, step_index
 
 log = logging.getLogger("humanref")
 
 
 @dataclass(frozen=True)
-class OutpaintOptions:
-    seed: int = 0
-    steps: int = 20
-    cfg: float = 7.0
-    sampler_name: str = "euler"
-    scheduler: str = "normal"
+class OutpaintOptions(SamplingOptions):
     denoise: float = 1.0
     max_expansion: int = 64  # pixels
-    blending: str = "sequential expansion"
+    blending: Blending = Blending.SEQUENTIAL
     schedule: str = "linear"
     unmasked_last_steps: int = 2
 
 
 def prepare_canvas_mask(canvas: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Checks and aligns IMAGE [B, H, W, C] and MASK [B|1, H, W]; a mask of another size is resized (warning)."""
-    if canvas.ndim != 4 or canvas.shape[-1] not in (3, 4):
-        raise ValueError(f"canvas must be an IMAGE [batch, height, width, channels], got {tuple(canvas.shape)}")
-    canvas = canvas[..., :3]
-    if mask.ndim == 2:
-        mask = mask.unsqueeze(0)
-    if mask.ndim != 3:
-        raise ValueError(f"keep_mask must be a MASK [batch, height, width], got {tuple(mask.shape)}")
-    if mask.shape[0] not in (1, canvas.shape[0]):
-        raise ValueError(f"keep_mask has {mask.shape[0]} masks but the canvas has {canvas.shape[0]} images: "
-                         "give one mask for all, or one per image")
+    canvas = check_image(canvas, "canvas")[..., :3]
     h, w = canvas.shape[1:3]
-    if tuple(mask.shape[1:]) != (h, w):
-        log.warning("HumanRef: keep_mask is %dx%d but the canvas is %dx%d; resizing the mask to the canvas",
-                    mask.shape[2], mask.shape[1], w, h)
-        mask = F.interpolate(mask.unsqueeze(1).float(), size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-    mask = mask.float().clamp(0.0, 1.0).to(canvas.device)
+    mask = fit_mask(check_mask(mask, "keep_mask", canvas.shape[0], "canvas"), (h, w), "keep_mask", "canvas")
+    mask = mask.clamp(0.0, 1.0).to(canvas.device)
     return canvas, mask.expand(canvas.shape[0], h, w).contiguous()
 
 
@@ -63,7 +48,7 @@ def pad_to_multiple(image: Tensor, mask: Tensor, multiple: int = 8) -> tuple[Ten
     ph, pw = (-h) % multiple, (-w) % multiple
     if ph == 0 and pw == 0:
         return image, mask, (h, w)
-    img = F.pad(image.movedim(-1, 1), (0, pw, 0, ph), mode="replicate").movedim(1, -1)
+    img = to_bhwc(F.pad(to_bchw(image), (0, pw, 0, ph), mode="replicate"))
     m = F.pad(mask.unsqueeze(1), (0, pw, 0, ph), mode="replicate")[:, 0]
     return img, m, (h, w)
 
@@ -87,7 +72,7 @@ class ScheduledDenoiseMask:
         self._schedules: dict[int, list[Optional[Tensor]]] = {}
         self.calls: list[tuple[float, int]] = []
 
-    def __deepcopy__(self, memo: dict) -> "ScheduledDenoiseMask":
+    def __deepcopy__(self, memo: dict) -> ScheduledDenoiseMask:
         return self  # immutable inputs; ModelPatcher.clone deep-copies model_options
 
     def schedule(self, steps: int) -> list[Optional[Tensor]]:
@@ -133,7 +118,7 @@ def inpaint_conditioning(positive: list, negative: list, vae: Any, canvas: Tenso
 def outpaint(model: Any, positive: list, negative: list, vae: Any, canvas: Tensor, keep_mask: Tensor,
              options: OutpaintOptions) -> tuple[Tensor, dict, Optional[ScheduledDenoiseMask]]:
     """Returns (IMAGE after the pixel blend, LATENT, the mask function used or None)."""
-    import nodes
+    import nodes as comfy_nodes
 
     if options.steps < 1:
         raise ValueError(f"steps must be at least 1, got {options.steps}")
@@ -159,7 +144,7 @@ def outpaint(model: Any, positive: list, negative: list, vae: Any, canvas: Tenso
         if is_inpaint_model(model):
             positive, negative = inpaint_conditioning(positive, negative, vae, padded, keep_p)
     ones = torch.ones(latent.shape[0], 1, latent.shape[-2], latent.shape[-1])
-    (out,) = nodes.common_ksampler(work, options.seed, options.steps, options.cfg, options.sampler_name,
+    (out,) = comfy_nodes.common_ksampler(work, options.seed, options.steps, options.cfg, options.sampler_name,
                                    options.scheduler, positive, negative, {"samples": latent, "noise_mask": ones},
                                    denoise=options.denoise)
     decoded = vae.decode(out["samples"])[..., :3].to(canvas.device)

@@ -20,7 +20,6 @@ mask edge is antialiased). The features are computed from the final denoised lat
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -28,11 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..loading.comfy_unet import model_family
+from ..loading.diffusers_unet import convert_unet_state_dict
+from ..loading.files import read_state_dict
+from ..loading.unet_configs import ldm_config_from_diffusers_state_dict
+
 log = logging.getLogger("humanref")
 
 FORMAT = "humanref-hand-generator"
 VERSION = "1"
-UNET_PREFIX = "unet."
+FILE_UNET_PREFIX = "unet."  # the UNet's keys in our file (not a checkpoint's loading.comfy_unet.UNET_PREFIX)
 HEAD_PREFIX = "mask_head."
 HEAD_LAYERS = (0, 2, 4, 6)
 MASK_FEATURE_CHANNELS = 512
@@ -68,7 +72,8 @@ def head_state_dict(head: MaskHead) -> dict[str, Tensor]:
     return {f"{HEAD_PREFIX}{k.removeprefix('layers.')}": v for k, v in head.state_dict().items()}
 
 
-def mask_head_from_state_dict(sd: dict[str, Tensor], activation: str = "clamp", name: str = "hand generator") -> MaskHead:
+def mask_head_from_state_dict(sd: dict[str, Tensor], activation: str = "clamp",
+                              name: str = "hand generator") -> MaskHead:
     """Build and load f_m from ``mask_head.{0,2,4,6}.*`` (prefix optional), with shape checks."""
     sd = {k.removeprefix(HEAD_PREFIX): v for k, v in sd.items()}
     expected = {f"{i}.{p}" for i in HEAD_LAYERS for p in ("weight", "bias")}
@@ -107,9 +112,9 @@ def split_checkpoint(sd: dict[str, Tensor], metadata: Optional[dict], name: str)
         log.warning("HumanRef: %s has no 'format' metadata; reading it as %s version %s", name, FORMAT, VERSION)
     if metadata.get("version", VERSION) != VERSION:
         raise ValueError(f"{name}: {FORMAT} version {metadata['version']} is not supported (this pack reads {VERSION})")
-    unet = {k[len(UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+    unet = {k[len(FILE_UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(FILE_UNET_PREFIX)}
     head = {k: v for k, v in sd.items() if k.startswith(HEAD_PREFIX)}
-    other = sorted(k for k in sd if not k.startswith((UNET_PREFIX, HEAD_PREFIX)))
+    other = sorted(k for k in sd if not k.startswith((FILE_UNET_PREFIX, HEAD_PREFIX)))
     if other:
         raise ValueError(f"{name}: unexpected keys outside unet.* and mask_head.*: {other[:5]}"
                          f"{' ...' if len(other) > 5 else ''}")
@@ -132,26 +137,25 @@ class HandGeneratorWeights:
     metadata: dict
     name: str
 
-    def __deepcopy__(self, memo: dict) -> "HandGeneratorWeights":
+    def __deepcopy__(self, memo: dict) -> HandGeneratorWeights:
         return self
 
 
 def load_hand_generator(path: str, name: Optional[str] = None) -> HandGeneratorWeights:
     """Read our layout and load the UNet as a native ComfyUI SD15 model (its own dtype and device handling)."""
     import comfy.sd
-    import comfy.utils
 
     name = name or path
     if not path.endswith(".safetensors"):
         raise ValueError(f"{name}: hand generators are safetensors files (see docs: the layout)")
-    sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    sd, metadata = read_state_dict(path)
     unet, head_sd, metadata = split_checkpoint(sd, metadata, name)
     head = mask_head_from_state_dict(head_sd, metadata.get("mask_activation", "clamp"), name)
     patcher = comfy.sd.load_diffusion_model_state_dict(unet)
     if patcher is None:
         raise ValueError(f"{name}: ComfyUI does not recognise unet.* as a UNet (expected an SD1.5 UNet: "
                          "320 model channels, 768 context)")
-    kind = type(patcher.model.model_config).__name__
+    kind = model_family(patcher)
     if kind != "SD15":
         raise ValueError(f"{name}: the UNet was detected as {kind}, expected SD15")
     patcher.model.concat_keys = ()  # our own fresh model: the 11 channels come from the hand condition
@@ -192,57 +196,13 @@ def predict_mask(head: MaskHead, vae: Any, samples: Tensor) -> Tensor:
 
 # ---- diffusers -> our layout -------------------------------------------------------------------------------
 
-def unet_config_from_diffusers(sd: dict[str, Tensor]) -> dict:
-    """An ldm unet_config read off a diffusers SD1.5-family UNet state dict (any widths, any in_channels)."""
-    if "conv_in.weight" not in sd:
-        raise ValueError("not a diffusers UNet state dict: no conv_in.weight")
-    mc = int(sd["conv_in.weight"].shape[0])
-    levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"down_blocks\.(\d+)\.", k)))
-    nrb = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k)))
-    mult, depth = [], []
-    context_dim, linear = None, False
-    for i in range(levels):
-        mult.append(int(sd[f"down_blocks.{i}.resnets.0.conv2.weight"].shape[0]) // mc)
-        blocks = {int(m.group(1)) for k in sd if (m := re.match(rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\.", k))}
-        depth.append(len(blocks))
-        if blocks and context_dim is None:
-            context_dim = int(sd[f"down_blocks.{i}.attentions.0.transformer_blocks.0.attn2.to_k.weight"].shape[1])
-            linear = sd[f"down_blocks.{i}.attentions.0.proj_in.weight"].ndim == 2
-    mid_blocks = {int(m.group(1)) for k in sd if (m := re.match(r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\.", k))}
-    return {
-        "use_checkpoint": False, "image_size": 32, "out_channels": int(sd["conv_out.weight"].shape[0]),
-        "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
-        "in_channels": int(sd["conv_in.weight"].shape[1]), "model_channels": mc, "num_res_blocks": [nrb] * levels,
-        "transformer_depth": [d for d in depth for _ in range(nrb)], "channel_mult": mult,
-        "transformer_depth_middle": len(mid_blocks) if mid_blocks else -1, "use_linear_in_transformer": linear,
-        "context_dim": context_dim, "num_heads": 8, "num_head_channels": -1,
-        "transformer_depth_output": [d for d in depth for _ in range(nrb + 1)],
-        "use_temporal_attention": False, "use_temporal_resblock": False,
-    }
-
-
 def convert_diffusers(unet_sd: dict[str, Tensor], head_sd: dict[str, Tensor],
                       metadata: Optional[dict] = None) -> tuple[dict[str, Tensor], dict[str, str]]:
     """A diffusers fine-tuned UNet (15-channel conv_in) + mask-head weights -> our file's (state dict, metadata)."""
-    import comfy.utils
-
-    unet_sd = {k.removeprefix("unet."): v for k, v in unet_sd.items()}
-    cfg = unet_config_from_diffusers(unet_sd)
-    mapping = comfy.utils.unet_to_diffusers(cfg)  # diffusers key -> ldm key
-    unmapped = sorted(k for k in unet_sd if k not in mapping)
-    if unmapped:
-        raise ValueError(f"diffusers UNet: {len(unmapped)} keys have no ComfyUI counterpart, e.g. {unmapped[:5]}")
-    from ..synthetic.base import unet_shapes
-
-    shapes = unet_shapes(cfg)  # the exact ldm keys and shapes of this architecture
-    converted = {mapping[k]: v for k, v in unet_sd.items()}
-    missing = sorted(set(shapes) - set(converted))
-    if missing:
-        raise ValueError(f"diffusers UNet: {len(missing)} weights are missing, e.g. {missing[:5]}")
-    wrong = sorted(k for k, v in converted.items() if k not in shapes or tuple(v.shape) != tuple(shapes[k]))
-    if wrong:
-        raise ValueError(f"diffusers UNet: {len(wrong)} weights do not fit the architecture, e.g. {wrong[:5]}")
-    out = {f"{UNET_PREFIX}{k}": v for k, v in converted.items()}
+    unet_sd = {k.removeprefix("unet."): v for k, v in unet_sd.items()}  # a diffusers pipeline's unet.* prefix
+    cfg = ldm_config_from_diffusers_state_dict(unet_sd, "diffusers UNet")
+    converted, _ = convert_unet_state_dict(unet_sd, cfg, "diffusers UNet")
+    out = {f"{FILE_UNET_PREFIX}{k}": v for k, v in converted.items()}
     if cfg["in_channels"] != IN_CHANNELS:
         raise ValueError(f"diffusers UNet: conv_in takes {cfg['in_channels']} channels, expected {IN_CHANNELS} "
                          "(4 latent + 11 hand condition)")
@@ -253,8 +213,7 @@ def convert_diffusers(unet_sd: dict[str, Tensor], head_sd: dict[str, Tensor],
     return out, meta
 
 
-
-def save_hand_generator(path: str, unet_sd: dict[str, Tensor], head: "MaskHead | dict[str, Tensor]",
+def save_hand_generator(path: str, unet_sd: dict[str, Tensor], head: MaskHead | dict[str, Tensor],
                         metadata: Optional[dict] = None) -> dict[str, str]:
     """Write our layout from a diffusers UNet state dict and the mask head (the trainer's writer).
 
@@ -280,14 +239,3 @@ def save_hand_generator(path: str, unet_sd: dict[str, Tensor], head: "MaskHead |
     save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, tmp, metadata=meta)
     os.replace(tmp, path)
     return meta
-
-
-def read_weights(path: str) -> dict[str, Tensor]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict")
-    return sd.get("state_dict", sd)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..images import resize_square
+
 BLUR_PASSES = 10
 # OpenCV's GaussianBlur with ksize 3 and sigma 0 uses the fixed kernel [1, 2, 1] / 4 (BORDER_REFLECT_101)
 BLUR_KERNEL = (0.25, 0.5, 0.25)
@@ -62,15 +64,6 @@ def binarize(mask: Tensor, threshold: float = 0.5) -> Tensor:
     return (mask >= threshold).to(torch.float32)
 
 
-def resize_square(x: Tensor, size: int, mode: str = "bicubic") -> Tensor:
-    """[B, S, S, C] -> [B, size, size, C] (antialiased when shrinking), clamped to 0..1."""
-    if x.shape[1] == size and x.shape[2] == size:
-        return x
-    y = F.interpolate(x.movedim(-1, 1).float(), size=(size, size), mode=mode, antialias=mode != "nearest",
-                      **({} if mode == "nearest" else {"align_corners": False}))
-    return y.movedim(1, -1).clamp(0.0, 1.0)
-
-
 def resize_mask_binary(mask: Tensor, size: int) -> Tensor:
     """[B, S, S] binary -> [B, size, size] binary (resample, then threshold at 0.5 as the official processor)."""
     if mask.shape[-1] == size and mask.shape[-2] == size:
@@ -100,10 +93,7 @@ def blur_mask(mask: Tensor, passes: int = BLUR_PASSES) -> Tensor:
 def unpad(square: Tensor, height: int, width: int) -> Tensor:
     """The official crop_padding_and_resize: square [B, S, S, C] -> bilinear to the long side -> [B, H, W, C]."""
     side, top, left = square_offsets(height, width)
-    y = square
-    if square.shape[1] != side:
-        y = F.interpolate(square.movedim(-1, 1).float(), size=(side, side), mode="bilinear", align_corners=False)
-        y = y.movedim(1, -1)
+    y = resize_square(square.float(), side, "bilinear", antialias=False)
     return y[:, top:top + height, left:left + width]
 
 

@@ -13,25 +13,33 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import comfy.model_management
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import comfy.model_management
-
-from ...attention.bank import MaskProjector, ReferenceBank, ReferenceInfo
+from ...attention.bank import MaskProjector, ReferenceBank, ReferenceInfo, Timing
 from ...attention.blocks import select_blocks, walk_transformer_blocks
-from .images import (Box, binarize, black_fill, crop_around, pad_to_square, paste_back, resize_mask_binary,
-                                resize_square, unpad)
+from ...attention.reader import BLEND
+from ..images import check_image, one_mask, resize_mask, resize_square, to_bchw
+from ..references.patch import apply_reference_patch, bank_from_writer
+from ..references.writer import WriterGroup, WriterInputs, encode_images
+from .images import Box, binarize, black_fill, crop_around, pad_to_square, paste_back, resize_mask_binary, unpad
 from .weights import MimicBrushParts
-from ..references.patch import apply_reference_patch, model_family
-from ..references.writer import WriterGroup, WriterInputs, encode_images, run_writer
 
 log = logging.getLogger("humanref")
 
-WRITER_MODES: tuple[str, ...] = ("every step (exact)", "once at t=0 (fast)")
+# the writer combo's labels (saved in workflows) and when each runs the reference UNet
+WRITER_TIMINGS: dict[str, Timing] = {"every step (exact)": Timing.EVERY_STEP, "once at t=0 (fast)": Timing.ONCE}
+WRITER_MODES: tuple[str, ...] = tuple(WRITER_TIMINGS)
 BLOCK_SET = "mid+up"
 RATIO = 0.5
+
+
+def writer_timing(label: str) -> Timing:
+    if label not in WRITER_TIMINGS:
+        raise ValueError(f"writer must be one of {WRITER_MODES}, got {label!r}")
+    return WRITER_TIMINGS[label]
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,7 +51,7 @@ class MimicBrushEdit:
     box: Box  # the region that was padded to a square and edited (whole image unless cropped)
     resolution: int
 
-    def __deepcopy__(self, memo: dict) -> "MimicBrushEdit":
+    def __deepcopy__(self, memo: dict) -> MimicBrushEdit:
         return self
 
 
@@ -56,9 +64,7 @@ class PreparedTarget:
 
 # --------------------------------------------------------------------------------------------- inputs
 def _rgb(image: Any, name: str) -> Tensor:
-    if not isinstance(image, Tensor) or image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
-        shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
-        raise ValueError(f"{name} must be an IMAGE [batch, height, width, 3], got {shape}")
+    image = check_image(image, name, channels=(1, 3, 4))
     if image.shape[0] != 1:
         raise ValueError(f"{name} has {image.shape[0]} images; MimicBrush edits one image with one reference per "
                          "run (split the batch, e.g. with 'Image From Batch')")
@@ -71,24 +77,19 @@ def _rgb(image: Any, name: str) -> Tensor:
 
 
 def _mask(mask: Any, image: Tensor) -> Tensor:
-    if not isinstance(mask, Tensor) or mask.ndim not in (2, 3):
-        raise ValueError(f"mask must be a MASK [height, width] or [1, height, width], got "
-                         f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
-    if mask.ndim == 3:
-        if mask.shape[0] != 1:
-            raise ValueError(f"mask has {mask.shape[0]} masks; give one mask for the one image")
-        mask = mask[0]
+    mask = one_mask(mask, "mask")
     h, w = image.shape[1], image.shape[2]
     if tuple(mask.shape) != (h, w):
         raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} but image is {w}x{h}: they must be the same "
                          "size (paint the mask on this image, or resize one of them)")
-    binary = binarize(mask.float().cpu())
+    binary = binarize(mask.cpu())
     if float(binary.max()) <= 0.0:
         raise ValueError("mask is empty (no pixel >= 0.5): paint the region of image to redraw")
     return binary
 
 
-def prepare_target(image: Tensor, mask: Tensor, resolution: int, crop_to_mask: bool, crop_margin: int) -> PreparedTarget:
+def prepare_target(image: Tensor, mask: Tensor, resolution: int, crop_to_mask: bool,
+                   crop_margin: int) -> PreparedTarget:
     """Official order: binary mask, (crop), pad to square (white / black), black fill, resize to resolution."""
     image = _rgb(image, "image").float().cpu()
     binary = _mask(mask, image)
@@ -113,7 +114,7 @@ def prepare_depth(depth: Tensor, edit: MimicBrushEdit, name: str = "depth") -> T
             raise ValueError(f"{name} is {dw}x{dh} but image is {w}x{h}: the aspect ratios differ; give the depth "
                              "map of this image")
         log.info("HumanRef: %s is %dx%d, resized to the image's %dx%d", name, dw, dh, w, h)
-        depth = F.interpolate(depth.unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False).squeeze(1)
+        depth = resize_mask(depth, (h, w))
     b = edit.box
     return pad_to_square(depth[:, b.top:b.bottom, b.left:b.right], 0.0).unsqueeze(1)
 
@@ -129,7 +130,7 @@ def depth_feature(parts: MimicBrushParts, edit: MimicBrushEdit, keep_shape: bool
                              "estimator node), or turn keep_shape off")
         d = prepare_depth(depth, edit) * depth_scale
     elif depth_of_black is not None:
-        d = _rgb(depth_of_black, "depth_of_black").float().cpu().mean(dim=-1, keepdim=True).movedim(-1, 1) * depth_scale
+        d = to_bchw(_rgb(depth_of_black, "depth_of_black").float().cpu().mean(dim=-1, keepdim=True)) * depth_scale
     else:
         d = torch.zeros(1, 1, res, res)
     guider = parts.depth_guider
@@ -153,12 +154,9 @@ def image_prompt(parts: MimicBrushParts, reference: Tensor) -> tuple[Tensor, Ten
 
 
 # --------------------------------------------------------------------------------------------- bank + patch
-def mimicbrush_bank(parts: MimicBrushParts, ref_latent: Tensor, cond: Tensor, writer_mode: str) -> ReferenceBank:
+def mimicbrush_bank(parts: MimicBrushParts, ref_latent: Tensor, cond: Tensor, timing: Timing) -> ReferenceBank:
     """The reference UNet as a writer over the clean reference latents, conditioned on the image prompt."""
-    if writer_mode not in WRITER_MODES:
-        raise ValueError(f"writer must be one of {WRITER_MODES}, got {writer_mode!r}")
     writer = parts.reference_model
-    blocks = walk_transformer_blocks(writer.model.diffusion_model)
     inputs = WriterInputs(
         patcher=writer,
         groups=(WriterGroup((0,), ref_latent.cpu(), {"c_crossattn": cond.cpu()}),),
@@ -167,15 +165,8 @@ def mimicbrush_bank(parts: MimicBrushParts, ref_latent: Tensor, cond: Tensor, wr
         clean=True,
     )
     size = (ref_latent.shape[-2] * 8, ref_latent.shape[-1] * 8)
-    infos = (ReferenceInfo("reference", 0, size, False),)
-    channels = {b.key: b.channels for b in blocks}
-    family = model_family(writer)
-    if writer_mode == WRITER_MODES[0]:
-        return ReferenceBank(infos, channels, "every step", "area", features=None, writer=inputs, family=family)
-    comfy.model_management.load_models_gpu([writer])
-    keys = [b.key for b in select_blocks(blocks, BLOCK_SET)]
-    features = run_writer(inputs, 0.0, keys=keys, keep_device=comfy.model_management.intermediate_device())
-    return ReferenceBank(infos, channels, "once at t=0", "area", features=features, writer=None, family=family)
+    keys = [b.key for b in select_blocks(walk_transformer_blocks(writer.model.diffusion_model), BLOCK_SET)]
+    return bank_from_writer(inputs, (ReferenceInfo("reference", 0, size, False),), timing, "area", keys=keys)
 
 
 def conditioning(cond: Tensor, uncond: Tensor, concat: Tensor) -> tuple[list, list]:
@@ -202,7 +193,7 @@ def setup_mimicbrush(
     depth: Optional[Tensor] = None,
     keep_shape: bool = False,
     depth_of_black: Optional[Tensor] = None,
-    writer_mode: str = WRITER_MODES[0],
+    timing: Timing = Timing.EVERY_STEP,
     resolution: int = 512,
     crop_to_mask: bool = False,
     crop_margin: int = 64,
@@ -228,8 +219,8 @@ def setup_mimicbrush(
     depth_feat = depth_feature(parts, target.edit, keep_shape, depth, depth_of_black, depth_scale)
     concat = torch.cat([mask_latent.float().cpu(), masked_latent.float().cpu(), depth_feat.cpu()], dim=1)
     cond, uncond = image_prompt(parts, ref_square)  # CLIP sees the padded reference at its own size
-    bank = mimicbrush_bank(parts, ref_latent, cond, writer_mode)
-    patched = apply_reference_patch(model, bank, mode="blend", strength=RATIO, block_set=BLOCK_SET, uncond=False)
+    bank = mimicbrush_bank(parts, ref_latent, cond, timing)
+    patched = apply_reference_patch(model, bank, mode=BLEND.name, strength=RATIO, block_set=BLOCK_SET, uncond=False)
     positive, negative = conditioning(cond, uncond, concat)
     latent = {"samples": torch.zeros(1, 4, lat_hw[0], lat_hw[1])}
     return MimicBrushSetup(patched, positive, negative, latent, target.edit)

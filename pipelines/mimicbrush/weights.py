@@ -3,9 +3,9 @@
 The official file is a pickled dict of five state dicts: ``unet`` (the 13-channel imitative UNet, diffusers
 names), ``referencenet`` (the reference UNet, diffusers names without ``conv_norm_out``/``conv_out`` and the
 stripped last transformer block), ``image_proj`` (a 1280 -> 768 linear), ``depth_guider`` and ``image_encoder``
-(transformers CLIP-vision names, fine-tuned ViT-H/14). It is read with ``torch.load(weights_only=True)``: a
-file that needs code to unpickle is refused. A safetensors file holding the same tensors as
-``<part>.<key>`` loads too.
+(transformers CLIP-vision names, fine-tuned ViT-H/14). It is read by ``loading.files`` (a pickle only with
+``torch.load(weights_only=True)``: a file that needs code to unpickle is refused). A safetensors file holding
+the same tensors as ``<part>.<key>`` loads too.
 
 The UNets are converted to ComfyUI's names with ComfyUI's own diffusers map and loaded through
 ``comfy.sd.load_diffusion_model_state_dict``; the image encoder through ``comfy.clip_vision``.
@@ -14,14 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
-
-import torch
-from torch import Tensor, nn
 
 import comfy.clip_model
 import comfy.clip_vision
@@ -30,17 +25,20 @@ import comfy.model_patcher
 import comfy.ops
 import comfy.patcher_extension
 import comfy.sd
-import comfy.utils
+import torch
+from torch import Tensor, nn
 
-from .depth_guider import DepthGuider, depth_guider_from_state_dict
+from ..loading.comfy_unet import model_family
 from ..loading.diffusers_unet import convert_unet_state_dict
+from ..loading.files import read_state_dict
+from ..loading.unet_configs import SD15_HEADS, ldm_config_from_diffusers_state_dict
+from .depth_guider import DepthGuider, depth_guider_from_state_dict
 
 log = logging.getLogger("humanref")
 
 PARTS: tuple[str, ...] = ("unet", "referencenet", "image_proj", "depth_guider", "image_encoder")
 IMITATIVE_CHANNELS = 13  # [noisy latent 4 | mask 1 | masked-image latent 4 | depth feature 4]
 EXTRA_CHANNELS = IMITATIVE_CHANNELS - 4
-SD15_HEADS = 8
 CHECK_KEY = "humanref_mimicbrush_inputs"
 
 
@@ -50,88 +48,31 @@ def read_checkpoint(path: str) -> dict[str, dict[str, Tensor]]:
     name = os.path.basename(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MimicBrush checkpoint {path} does not exist")
-    if path.lower().endswith(".safetensors"):
-        try:
-            flat = comfy.utils.load_torch_file(path, safe_load=True)
-        except Exception as e:  # noqa: BLE001 - whatever the reader trips over, name the file
-            raise ValueError(f"{name} is not a readable safetensors file ({type(e).__name__}: {e})") from e
-        data: Any = {}
-        for key, value in flat.items():
-            part, _, rest = key.partition(".")
-            data.setdefault(part, {})[rest] = value
-    else:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"{name} was refused: it is a pickle that needs code to load (only plain tensor "
-                             f"dicts are read, with torch.load(weights_only=True)). Details: {str(e)[:300]}") from e
-        except Exception as e:  # noqa: BLE001 - not a torch file at all (truncated, text, another format)
-            raise ValueError(f"{name} is not a MimicBrush checkpoint: torch.load cannot read it "
-                             f"({type(e).__name__}: {e})") from e
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{name} is not a MimicBrush checkpoint: expected a dict with the parts {PARTS}, "
-                         f"got {type(data).__name__}")
+    try:
+        flat, _ = read_state_dict(path)
+    except ValueError as e:
+        raise ValueError(f"{name} is not a MimicBrush checkpoint: {e}") from e
+    data: dict[str, dict[str, Tensor]] = {}
+    for key, value in flat.items():
+        part, _, rest = key.partition(".")
+        if not rest:
+            raise ValueError(f"{name}: part {part!r} is not a state dict of tensors")
+        data.setdefault(part, {})[rest] = value
     missing = [p for p in PARTS if p not in data]
     if missing:
         raise ValueError(f"{name} is not a complete MimicBrush checkpoint: missing part(s) {missing}; found "
-                         f"{sorted(map(str, data))[:8]}. Expected {PARTS} (the official mimicbrush.bin)")
-    out: dict[str, dict[str, Tensor]] = {}
-    for part in PARTS:
-        sd = data[part]
-        if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
-            raise ValueError(f"{name}: part {part!r} is not a state dict of tensors")
-        out[part] = dict(sd)
-    return out
+                         f"{sorted(data)[:8]}. Expected {PARTS} (the official mimicbrush.bin)")
+    return {part: data[part] for part in PARTS}
 
 
 # ---------------------------------------------------------------------------------------------- UNets
-def _count(sd: Mapping[str, Tensor], pattern: str) -> int:
-    rx = re.compile(pattern)
-    return len({m.group(1) for k in sd for m in [rx.match(k)] if m})
-
-
-def diffusers_unet_config(sd: Mapping[str, Tensor], part: str, num_heads: int = SD15_HEADS) -> dict:
-    """ComfyUI's unet_config for a diffusers SD1.5-style UNet state dict (levels, depths, widths from keys)."""
-    if "conv_in.weight" not in sd:
-        raise ValueError(f"{part}: conv_in.weight is missing; not a diffusers UNet state dict")
-    conv_in = sd["conv_in.weight"]
-    model_channels, in_channels = int(conv_in.shape[0]), int(conv_in.shape[1])
-    levels = _count(sd, r"down_blocks\.(\d+)\.")
-    if levels == 0:
-        raise ValueError(f"{part}: no down_blocks.* keys; not a diffusers UNet state dict")
-    num_res, mult, depth = [], [], []
-    for i in range(levels):
-        n = _count(sd, rf"down_blocks\.{i}\.resnets\.(\d+)\.")
-        num_res.append(n)
-        mult.append(int(sd[f"down_blocks.{i}.resnets.0.conv2.weight"].shape[0]) // model_channels)
-        for j in range(n):
-            depth.append(_count(sd, rf"down_blocks\.{i}\.attentions\.{j}\.transformer_blocks\.(\d+)\.norm1\."))
-    pop_order = []  # unet_to_diffusers pops from the end: up_blocks.0 (lowest level) first
-    for x in range(levels):
-        for i in range(num_res[levels - 1 - x] + 1):
-            pop_order.append(_count(sd, rf"up_blocks\.{x}\.attentions\.{i}\.transformer_blocks\.(\d+)\.norm1\."))
-    context = [v for k, v in sd.items() if k.endswith("attn2.to_k.weight")]
-    proj_in = [v for k, v in sd.items() if k.endswith("proj_in.weight")]
-    mid = _count(sd, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\.norm1\.")
-    return {
-        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-        "legacy": False, "adm_in_channels": None, "in_channels": in_channels, "model_channels": model_channels,
-        "num_res_blocks": num_res, "transformer_depth": depth, "channel_mult": mult,
-        "transformer_depth_middle": mid if mid else -1,
-        "use_linear_in_transformer": bool(proj_in) and proj_in[0].ndim == 2,
-        "context_dim": int(context[0].shape[1]) if context else 768, "num_heads": num_heads,
-        "num_head_channels": -1, "transformer_depth_output": list(reversed(pop_order)),
-        "use_temporal_attention": False, "use_temporal_resblock": False,
-    }
-
-
 def convert_unet(sd: Mapping[str, Tensor], part: str, in_channels: int,
                  tolerate_stripped: bool = False) -> tuple[dict[str, Tensor], dict, list[str]]:
     """Diffusers UNet keys -> ComfyUI (ldm) keys, shape-checked; documented-missing tensors become zeros.
 
     Returns (ldm state dict, unet_config, diffusers names that were filled with zeros).
     """
-    config = diffusers_unet_config(sd, part)
+    config = ldm_config_from_diffusers_state_dict(sd, part, SD15_HEADS)
     if config["in_channels"] != in_channels:
         raise ValueError(f"{part}: conv_in.weight has {config['in_channels']} input channels (shape "
                          f"{tuple(sd['conv_in.weight'].shape)}); MimicBrush's {part} has {in_channels}")
@@ -145,7 +86,7 @@ def _load_unet(ldm: dict[str, Tensor], part: str, name: str, dtype: Optional[tor
     if patcher is None:
         raise ValueError(f"{name}: ComfyUI did not recognise the {part} UNet (model_channels 320, context 768 "
                          "and conv proj_in are what makes an SD1.5 UNet)")
-    family = type(patcher.model.model_config).__name__
+    family = model_family(patcher)
     if family != "SD15":
         raise ValueError(f"{name}: the {part} UNet was detected as {family}; MimicBrush is SD1.5")
     return patcher
@@ -201,7 +142,8 @@ def clip_vision_config(sd: Mapping[str, Tensor], head_dim: int = 64) -> dict:
         "intermediate_size": int(sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
         "layer_norm_eps": 1e-5, "model_type": "clip_vision_model",
         "num_attention_heads": max(1, hidden // head_dim), "num_channels": 3,
-        "num_hidden_layers": _count(sd, r"vision_model\.encoder\.layers\.(\d+)\."), "patch_size": patch,
+        "num_hidden_layers": len({k.split(".")[3] for k in sd if k.startswith("vision_model.encoder.layers.")}),
+        "patch_size": patch,
     }
     if "visual_projection.weight" in sd:
         config["projection_dim"] = int(sd["visual_projection.weight"].shape[0])
@@ -264,7 +206,7 @@ class MimicBrushParts:
     depth_guider: DepthGuider
     uid: str = ""
 
-    def __deepcopy__(self, memo: dict) -> "MimicBrushParts":
+    def __deepcopy__(self, memo: dict) -> MimicBrushParts:
         return self
 
 

@@ -6,7 +6,7 @@ The official pipeline (huanngzh/Parts2Whole ``Refs2ImagePipeline``), mapped onto
   becomes the part's mask unless a MASK is given; the reference UNet runs once at t = 0 per part with the part's
   label as text, and its norm1 features, masked with the Parts2Whole rule, feed all transformer blocks of the
   denoising UNet through the ``concat`` kernel; the uncond pass sees no references
-  (``pipelines.reference``);
+  (``pipelines.references``);
 - every cross-attention layer also attends to exactly six CLIP image embeddings (one per part, zero padded;
   zeros for uncond), scale 1 (``attention.decoupled``), through an attn2 replace;
 - the pose guider's output is added after conv_in for cond and uncond (``input_block_patch`` at input 0).
@@ -16,6 +16,7 @@ part's label embedding. ``as trained`` (default) gives each part its label and k
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
@@ -24,20 +25,44 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
+from ...attention.bank import Timing
 from ...attention.blocks import BlockKey, block_label, describe_architecture, walk_transformer_blocks
-from ...attention.decoupled import MAX_IMAGE_TOKENS, DecoupledTokens, decoupled_cross_attention, pad_image_tokens, project_image_tokens
+from ...attention.decoupled import (
+    MAX_IMAGE_TOKENS,
+    DecoupledTokens,
+    decoupled_cross_attention,
+    pad_image_tokens,
+    project_image_tokens,
+)
+from ...attention.labels import Labeled
+from ...attention.reader import CONCAT
+from ..images import check_image, check_mask, check_not_empty, fit_mask, resize_image, to_bchw
+from ..loading.comfy_unet import model_family
 from ..references.inputs import PreparedReference
-from .release import Parts2WholeRelease
+from ..references.patch import apply_reference_patch, build_reference_bank, existing_replaces, host_attention
 from .pose_guider import PoseGuider
-from ..references.patch import apply_reference_patch, build_reference_bank, host_attention, model_family
+from .release import Parts2WholeRelease
 
 log = logging.getLogger("humanref")
 
 LABELS: tuple[str, ...] = ("upper body clothes", "lower body clothes", "whole body clothes", "hair or headwear",
                            "face", "shoes")
-MODES: tuple[str, ...] = ("as trained", "as released")
-MASK_SOURCES: tuple[str, ...] = ("mask: 1 = part", "LoadImage alpha: 1 = transparent")
+
+
+class Parts2WholeMode(Labeled):
+    AS_TRAINED = "as trained"  # each part gets its label, the prompt is kept
+    AS_RELEASED = "as released"  # the official pipeline's two bugs: the first part's label everywhere
+
+
+class MaskSource(Labeled):
+    """What a part's MASK means: the part's pixels, or LoadImage's mask (1 - alpha, 1 = transparent)."""
+
+    MASK = "mask: 1 = part"
+    ALPHA = "LoadImage alpha: 1 = transparent"
+
+
+MODES: tuple[str, ...] = Parts2WholeMode.labels()
+MASK_SOURCES: tuple[str, ...] = MaskSource.labels()
 MAX_PARTS = MAX_IMAGE_TOKENS
 DEFAULT_HEIGHT, DEFAULT_WIDTH, DEFAULT_STEPS, DEFAULT_CFG = 768, 512, 50, 3.5
 
@@ -57,65 +82,45 @@ class PreparedPart:
 
 
 # ----------------------------------------------------------------------------------------------- preprocessing
-def resize_pixels(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """[B, H, W, C] -> [B, h, w, C], bicubic (PIL's default resize filter), clamped; no aspect kept."""
-    if tuple(x.shape[1:3]) == tuple(size):
-        return x.float()
-    y = F.interpolate(x.movedim(-1, 1).float(), size=size, mode="bicubic", align_corners=False, antialias=True)
-    return y.movedim(1, -1).clamp(0.0, 1.0)
-
-
-def _as_mask(mask: Tensor, name: str, count: int) -> Tensor:
-    if mask.ndim == 2:
-        mask = mask.unsqueeze(0)
-    if mask.ndim != 3:
-        raise ValueError(f"{name} must be a MASK [batch, height, width], got shape {tuple(mask.shape)}")
-    if mask.shape[0] not in (1, count):
-        raise ValueError(f"{name} has {mask.shape[0]} masks for {count} images: give one, or one per image")
-    return mask.float().expand(count, -1, -1) if mask.shape[0] == 1 else mask.float()
+def _resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """A mask resized as the official code resizes its mask images (PIL bicubic), [B, H, W] -> [B, h, w]."""
+    return resize_image(mask.unsqueeze(-1), size)[..., 0]
 
 
 def prepare_parts(parts: Sequence[PartInput], height: int, width: int,
-                  mask_source: str = MASK_SOURCES[0]) -> list[PreparedPart]:
+                  mask_source: MaskSource = MaskSource.MASK) -> list[PreparedPart]:
     """The official preprocessing: resize to (height, width), alpha over white, mask from alpha or MASK."""
-    if mask_source not in MASK_SOURCES:
-        raise ValueError(f"mask_source must be one of {MASK_SOURCES}, got {mask_source!r}")
+    mask_source = MaskSource.from_label(mask_source, "mask_source")
     out: list[PreparedPart] = []
     counts: list[str] = []
     for part in parts:
         iname, mname, lname = f"image_{part.slot}", f"mask_{part.slot}", f"label_{part.slot}"
         if part.label not in LABELS:
             raise ValueError(f"{lname} is {part.label!r}; Parts2Whole knows only the six labels {list(LABELS)}")
-        image = part.image
-        if image.ndim != 4 or image.shape[-1] not in (3, 4):
-            raise ValueError(f"{iname} must be an IMAGE [batch, height, width, 3 or 4], got {tuple(image.shape)}")
+        image = check_image(part.image, iname)
         count, h, w = image.shape[0], image.shape[1], image.shape[2]
         counts.append(f"{iname}: {count}")
         rgb = image[..., :3].float()
         alpha = image[..., 3].float() if image.shape[-1] == 4 else None
         mask = None
         if part.mask is not None:
-            mask = _as_mask(part.mask, mname, count)
-            if tuple(mask.shape[1:]) != (h, w):
-                log.warning("HumanRef: %s is %dx%d but %s is %dx%d; resizing the mask to the image", mname,
-                            mask.shape[2], mask.shape[1], iname, w, h)
-                mask = resize_pixels(mask.unsqueeze(-1), (h, w))[..., 0]
-            if mask_source == MASK_SOURCES[1]:
+            mask = check_mask(part.mask, mname, count, iname).expand(count, -1, -1)
+            mask = fit_mask(mask, (h, w), mname, iname, resize=_resize_mask)
+            if mask_source == MaskSource.ALPHA:
                 alpha, mask = 1.0 - mask, None
-        rgb_t = resize_pixels(rgb, (height, width))
+        rgb_t = resize_image(rgb, (height, width))
+        attn_mask = None
         if alpha is not None:
-            alpha_t = resize_pixels(alpha.unsqueeze(-1), (height, width))
+            alpha_t = resize_image(alpha.unsqueeze(-1), (height, width))
             rgb_t = rgb_t * alpha_t + (1.0 - alpha_t)
             attn_mask = alpha_t[..., 0]
-        else:
-            attn_mask = None
         if mask is not None:
-            attn_mask = resize_pixels(mask.unsqueeze(-1), (height, width))[..., 0]
+            attn_mask = _resize_mask(mask, (height, width))
+        if attn_mask is not None:
+            check_not_empty(attn_mask, mname if mask is not None else f"{iname} alpha",
+                            "it would select nothing of the part")
         for i in range(count):
             m = None if attn_mask is None else attn_mask[i]
-            if m is not None and float(m.max()) <= 0.0:
-                raise ValueError(f"{mname if mask is not None else iname + ' alpha'} is empty (all zero) for image "
-                                 f"{i} of {iname}: it would select nothing of the part")
             ref = PreparedReference(rgb_t[i].contiguous(), m, part.label, part.slot - 1)
             out.append(PreparedPart(ref, rgb[i]))
     if not out:
@@ -129,14 +134,13 @@ def prepare_parts(parts: Sequence[PartInput], height: int, width: int,
 
 def prepare_pose(pose: Tensor, height: int, width: int) -> Tensor:
     """IMAGE [1, H, W, 3] -> [1, 3, height, width] in 0..1 (the official pipeline resizes the pose too)."""
-    if pose.ndim != 4 or pose.shape[-1] not in (3, 4):
-        raise ValueError(f"pose must be an IMAGE [batch, height, width, channels], got {tuple(pose.shape)}")
+    pose = check_image(pose, "pose")
     if pose.shape[0] != 1:
         raise ValueError(f"pose has {pose.shape[0]} images; give exactly one pose (DensePose) image")
     if tuple(pose.shape[1:3]) != (height, width):
         log.info("HumanRef: pose is %dx%d; resized to the output size %dx%d", pose.shape[2], pose.shape[1],
                  width, height)
-    return resize_pixels(pose[..., :3], (height, width)).movedim(-1, 1).contiguous()
+    return to_bchw(resize_image(pose[..., :3].float(), (height, width))).contiguous()
 
 
 def check_size(width: int, height: int) -> None:
@@ -163,7 +167,7 @@ class DecoupledAttn2Replace:
         self.tokens = tokens
         self.inner = inner
 
-    def __deepcopy__(self, memo: dict) -> "DecoupledAttn2Replace":
+    def __deepcopy__(self, memo: dict) -> DecoupledAttn2Replace:
         return self
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
@@ -183,10 +187,10 @@ class PoseFeaturePatch:
         self._guiders: dict[Any, PoseGuider] = {}
         self._features: dict[tuple, Tensor] = {}
 
-    def __deepcopy__(self, memo: dict) -> "PoseFeaturePatch":
+    def __deepcopy__(self, memo: dict) -> PoseFeaturePatch:
         return self
 
-    def to(self, device: Any) -> "PoseFeaturePatch":
+    def to(self, device: Any) -> PoseFeaturePatch:
         return self
 
     def features(self, size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -201,7 +205,7 @@ class PoseFeaturePatch:
                 pose = F.interpolate(pose, size=pixels, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
             if device not in self._guiders:
                 self._guiders[device] = (self.guider if device == torch.device("cpu")
-                                         else _copy_module(self.guider).to(device))
+                                         else copy.deepcopy(self.guider).to(device))
             with torch.no_grad():
                 feat = self._guiders[device](pose.to(device=device, dtype=torch.float32))
             if tuple(feat.shape[-2:]) != tuple(size):
@@ -217,12 +221,6 @@ class PoseFeaturePatch:
         if feat.shape[1] != h.shape[1]:
             raise RuntimeError(f"the pose guider gives {feat.shape[1]} channels but conv_in has {h.shape[1]}")
         return h + feat
-
-
-def _copy_module(module: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(module)
 
 
 # ----------------------------------------------------------------------------------------------- the patch
@@ -241,7 +239,7 @@ def apply_decoupled(patched: Any, release: Parts2WholeRelease, tokens: Tensor) -
                          f"the release's decoupled weights ({len(release.decoupled)} blocks); use the MODEL of the "
                          "same Parts2Whole loader")
     padded = pad_image_tokens(tokens)
-    replaces = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    replaces = existing_replaces(patched, "attn2")
     for b in blocks:
         wk, wv = release.decoupled[b.key]
         if wk.shape[0] != b.channels:
@@ -271,25 +269,24 @@ def apply_parts2whole(
     width: int = DEFAULT_WIDTH,
     height: int = DEFAULT_HEIGHT,
     pose: Optional[Tensor] = None,
-    mode: str = MODES[0],
-    mask_source: str = MASK_SOURCES[0],
+    mode: Parts2WholeMode = Parts2WholeMode.AS_TRAINED,
+    mask_source: MaskSource = MaskSource.MASK,
 ) -> Parts2WholeResult:
     """A patched clone of ``model`` and the positive conditioning to sample it with; inputs are not modified."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    mode = Parts2WholeMode.from_label(mode, "mode")
     if not isinstance(release, Parts2WholeRelease):
         raise ValueError("parts2whole must come from the Parts2Whole loader")
     check_size(width, height)
     check_same_unet(model, reference_unet)
     prepared = prepare_parts(parts, height, width, mask_source)
     refs = [p.reference for p in prepared]
-    if mode == "as released":
+    if mode == Parts2WholeMode.AS_RELEASED:
         first = refs[0].label
         refs = [replace(r, label=first) for r in refs]
         positive = label_conditioning(clip, first)
         log.info("HumanRef: Parts2Whole 'as released': every part and the prompt use the label %r", first)
-    bank = build_reference_bank(reference_unet, vae, clip, refs, timing="once at t=0", mask_rule="parts2whole")
-    patched = apply_reference_patch(model, bank, mode="concat", strength=1.0, start_percent=0.0, end_percent=1.0,
+    bank = build_reference_bank(reference_unet, vae, clip, refs, timing=Timing.ONCE, mask_rule="parts2whole")
+    patched = apply_reference_patch(model, bank, mode=CONCAT.name, strength=1.0, start_percent=0.0, end_percent=1.0,
                                     block_set="all", custom_blocks="", uncond=False)
     tokens = encode_image_tokens(clip_vision, [p.clip_image for p in prepared])
     if tokens.shape[1] != release.image_dim:
@@ -308,8 +305,8 @@ def check_same_unet(model: Any, reference_unet: Any) -> None:
     ref_blocks = walk_transformer_blocks(reference_unet.model.diffusion_model)
     if [(b.key, b.channels) for b in blocks] != [(b.key, b.channels) for b in ref_blocks]:
         raise ValueError(f"reference_unet is {describe_architecture(ref_blocks, model_family(reference_unet))} but "
-                         f"model is {describe_architecture(blocks, model_family(model))}: connect the model and reference_unet outputs of the same "
-                         "Parts2Whole Loader")
+                         f"model is {describe_architecture(blocks, model_family(model))}: connect the model and "
+                         "reference_unet outputs of the same Parts2Whole Loader")
 
 
 def empty_latent(width: int, height: int, batch_size: int = 1) -> dict:

@@ -1,10 +1,11 @@
 """Reading the Parts2Whole release (diffusers folders + ``decoupled_attn.pth``) into native ComfyUI objects.
 
-No diffusers at run time: the UNet configs are translated to ComfyUI's UNet config, the diffusers keys are
-renamed with ComfyUI's own map (``comfy.utils.unet_to_diffusers``) and every file is checked key by key, so a
-wrong folder or a damaged file fails with the file and the keys named. The reference UNet may miss exactly the
-tensors the official code strips (its output head and the last transformer block after norm1); those are
-filled with zeros because the writer stops right after capturing that block's norm1 output.
+No diffusers at run time: the UNet configs are translated to ComfyUI's UNet config (``loading.unet_configs``),
+the diffusers keys are renamed with ComfyUI's own map (``loading.diffusers_unet``) and every file, read by
+``loading.files``, is checked key by key, so a wrong folder or a damaged file fails with the file and the keys
+named. The reference UNet may miss exactly the tensors the official code strips (its output head and the last
+transformer block after norm1); those are filled with zeros because the writer stops right after capturing that
+block's norm1 output.
 """
 from __future__ import annotations
 
@@ -15,19 +16,20 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-import torch
-from torch import Tensor
-
 import comfy.clip_vision
 import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
 import comfy.utils
+import torch
+from torch import Tensor
 
 from ...attention.blocks import BlockKey
+from ..loading.comfy_unet import unet_shapes
 from ..loading.diffusers_unet import convert_unet_state_dict as convert_diffusers_unet
+from ..loading.files import read_state_dict
+from ..loading.unet_configs import SD15_HEADS, ldm_config_from_diffusers_config
 from .pose_guider import PoseGuider, load_pose_guider
-from ..synthetic.base import unet_shapes
 
 log = logging.getLogger("humanref")
 
@@ -54,36 +56,6 @@ def read_json(path: str) -> dict:
     return data
 
 
-def read_state_dict(path: str) -> dict[str, Tensor]:
-    """safetensors by content (whatever the extension); anything else only through weights_only torch.load."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-    is_safetensors = False
-    if len(head) == 8:
-        n = int.from_bytes(head, "little")
-        if 0 < n < os.path.getsize(path):
-            with open(path, "rb") as f:
-                f.seek(8)
-                is_safetensors = f.read(1) == b"{"
-    if is_safetensors:
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path, device="cpu")
-        except Exception as e:  # damaged header or data
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is neither safetensors nor a plain tensor dict that loads with "
-                         f"torch.load(weights_only=True); refusing to unpickle it ({type(e).__name__}: {e})") from e
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    return dict(sd)
-
-
 def find_weights(folder: str, names: tuple[str, ...]) -> str:
     for name in names:
         path = os.path.join(folder, name)
@@ -105,58 +77,16 @@ def check_release_folder(folder: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- UNet config
-def _expect(cfg: Mapping, key: str, allowed: tuple, source: str, default: Any = None) -> Any:
-    value = cfg.get(key, default)
-    if value not in allowed:
-        raise ValueError(f"{source}: {key} = {value!r} is not supported (expected one of {allowed}); only "
+def release_unet_config(cfg: Mapping, source: str) -> dict:
+    """ComfyUI's UNet config for a release ``config.json``; Parts2Whole is SD1.5: 8 heads, no added embedding."""
+    unet_config = ldm_config_from_diffusers_config(cfg, source)
+    if unet_config["num_heads"] != SD15_HEADS:
+        raise ValueError(f"{source}: attention heads {cfg.get('num_attention_heads') or cfg.get('attention_head_dim')}"
+                         f"; ComfyUI's SD1.5 UNet has {SD15_HEADS}, and only SD1.5-style UNets can be loaded")
+    if unet_config["adm_in_channels"] is not None:
+        raise ValueError(f"{source}: an added embedding ({cfg.get('addition_embed_type')}) is not SD1.5; only "
                          "SD1.5-style UNets can be loaded")
-    return value
-
-
-def unet_config_from_diffusers(cfg: Mapping, source: str) -> dict:
-    """ComfyUI's UNetModel config for a diffusers SD1.5-style ``UNet2DConditionModel`` config."""
-    try:
-        widths = [int(c) for c in cfg["block_out_channels"]]
-        down = list(cfg["down_block_types"])
-        up = list(cfg["up_block_types"])
-        context_dim = int(cfg["cross_attention_dim"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{source}: not a UNet2DConditionModel config ({e!r} missing or invalid)") from e
-    levels = len(widths)
-    if len(down) != levels or len(up) != levels:
-        raise ValueError(f"{source}: {levels} block_out_channels but {len(down)} down and {len(up)} up blocks")
-    base = widths[0]
-    if any(w % base for w in widths) or any(w % 32 for w in widths):
-        raise ValueError(f"{source}: block_out_channels {widths} must be multiples of the first and of 32")
-    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
-    if heads not in (8, [8] * levels):
-        raise ValueError(f"{source}: {heads} attention heads; ComfyUI's SD1.5 UNet has 8")
-    _expect(cfg, "norm_num_groups", (32,), source, 32)
-    _expect(cfg, "class_embed_type", (None,), source)
-    _expect(cfg, "addition_embed_type", (None,), source)
-    _expect(cfg, "time_cond_proj_dim", (None,), source)
-    _expect(cfg, "mid_block_type", ("UNetMidBlock2DCrossAttn",), source, "UNetMidBlock2DCrossAttn")
-    depth = cfg.get("transformer_layers_per_block", 1)
-    if not isinstance(depth, int):
-        raise ValueError(f"{source}: per-block transformer_layers_per_block {depth} is not supported")
-    per_level = int(cfg.get("layers_per_block", 2))
-    kinds = {"CrossAttnDownBlock2D": True, "DownBlock2D": False, "CrossAttnUpBlock2D": True, "UpBlock2D": False}
-    for t in down + up:
-        if t not in kinds:
-            raise ValueError(f"{source}: block type {t} is not supported")
-    attn_down = [kinds[t] for t in down]
-    attn_up = [kinds[t] for t in reversed(up)]  # from the top level down, like ComfyUI's output depths
-    return {
-        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-        "adm_in_channels": None, "in_channels": int(cfg.get("in_channels", 4)),
-        "out_channels": int(cfg.get("out_channels", 4)), "model_channels": base,
-        "num_res_blocks": [per_level] * levels, "channel_mult": [w // base for w in widths],
-        "transformer_depth": [depth if a else 0 for a in attn_down for _ in range(per_level)],
-        "transformer_depth_output": [depth if a else 0 for a in attn_up for _ in range(per_level + 1)],
-        "transformer_depth_middle": depth, "use_linear_in_transformer": bool(cfg.get("use_linear_projection", False)),
-        "context_dim": context_dim, "num_heads": 8, "num_head_channels": -1,
-        "use_temporal_attention": False, "use_temporal_resblock": False,
-    }
+    return unet_config
 
 
 def sampling_settings(folder: str) -> dict:
@@ -194,7 +124,7 @@ class ConvertedUNet:
 
 def convert_unet_state_dict(sd: Mapping[str, Tensor], unet_config: dict, source: str,
                             reference: bool = False) -> ConvertedUNet:
-    """Diffusers keys -> ComfyUI keys (pipelines.diffusers_unet); the denoising UNet's _dc keys set aside."""
+    """Diffusers keys -> ComfyUI keys (loading.diffusers_unet); the denoising UNet's _dc keys set aside."""
     decoupled = {k: v for k, v in sd.items() if DC_MARK in k and not reference}
     plain = {k: v for k, v in sd.items() if k not in decoupled}
     out, filled = convert_diffusers_unet(plain, unet_config, source, reference=reference)
@@ -221,7 +151,8 @@ def build_unet_model(ldm_sd: dict[str, Tensor], unet_config: dict, sampling: dic
 
 
 # ----------------------------------------------------------------------------------------------- decoupled attn
-def decoupled_weights(sd: Mapping[str, Tensor], unet_config: dict, source: str) -> dict[BlockKey, tuple[Tensor, Tensor]]:
+def decoupled_weights(sd: Mapping[str, Tensor], unet_config: dict,
+                      source: str) -> dict[BlockKey, tuple[Tensor, Tensor]]:
     """``...attn2.processor.to_{k,v}_dc.weight`` per transformer block -> {block key: (W_k, W_v)}, all checked."""
     mapping = comfy.utils.unet_to_diffusers(unet_config)
     expected = unet_shapes(unet_config)
@@ -259,7 +190,7 @@ def load_image_encoder(folder: str) -> Any:
         raise ValueError(f"{cfg_path}: expected a CLIPVisionModelWithProjection config (model_type "
                          f"clip_vision_model with projection_dim), got model_type {cfg.get('model_type')!r}")
     path = find_weights(enc_dir, ENCODER_NAMES)
-    sd = read_state_dict(path)
+    sd, _ = read_state_dict(path)
     sd.pop("vision_model.embeddings.position_ids", None)  # a buffer in older transformers files
     clip = comfy.clip_vision.ClipVisionModel(cfg_path)
     expected = clip.model.state_dict()
@@ -294,7 +225,7 @@ class Parts2WholeRelease:
     decoupled: dict[BlockKey, tuple[Tensor, Tensor]]
     image_dim: int
 
-    def __deepcopy__(self, memo: dict) -> "Parts2WholeRelease":
+    def __deepcopy__(self, memo: dict) -> Parts2WholeRelease:
         return self
 
 
@@ -307,11 +238,12 @@ class LoadedRelease:
     filled: tuple[str, ...] = ()
 
 
-def load_unet_folder(folder: str, sub: str, sampling: dict, dtype: Optional[torch.dtype]) -> tuple[Any, dict, ConvertedUNet]:
+def load_unet_folder(folder: str, sub: str, sampling: dict,
+                     dtype: Optional[torch.dtype]) -> tuple[Any, dict, ConvertedUNet]:
     cfg = read_json(os.path.join(folder, sub, "config.json"))
-    unet_config = unet_config_from_diffusers(cfg, os.path.join(folder, sub, "config.json"))
+    unet_config = release_unet_config(cfg, os.path.join(folder, sub, "config.json"))
     path = find_weights(os.path.join(folder, sub), WEIGHT_NAMES)
-    converted = convert_unet_state_dict(read_state_dict(path), unet_config, path, reference=sub == "reference_unet")
+    converted = convert_unet_state_dict(read_state_dict(path)[0], unet_config, path, reference=sub == "reference_unet")
     model = build_unet_model(converted.state_dict, unet_config, sampling, dtype)
     return model, unet_config, converted
 
@@ -326,7 +258,7 @@ def load_release(folder: str, dtype: Optional[torch.dtype] = None) -> LoadedRele
         raise ValueError(f"{folder}: unet/config.json and reference_unet/config.json describe different UNets")
     dc_path = os.path.join(folder, DECOUPLED_FILE)
     if os.path.isfile(dc_path):
-        decoupled = decoupled_weights(read_state_dict(dc_path), unet_config, dc_path)
+        decoupled = decoupled_weights(read_state_dict(dc_path)[0], unet_config, dc_path)
     elif unet.decoupled:
         decoupled = decoupled_weights(unet.decoupled, unet_config, os.path.join(folder, "unet"))
     else:
@@ -334,7 +266,7 @@ def load_release(folder: str, dtype: Optional[torch.dtype] = None) -> LoadedRele
                          "unet holds no *_dc keys)")
     guider_dir = os.path.join(folder, "pose_guider")
     guider_path = find_weights(guider_dir, WEIGHT_NAMES)
-    guider = load_pose_guider(read_json(os.path.join(guider_dir, "config.json")), read_state_dict(guider_path),
+    guider = load_pose_guider(read_json(os.path.join(guider_dir, "config.json")), read_state_dict(guider_path)[0],
                               guider_path)
     if guider.conv_out.out_channels != unet_config["model_channels"]:
         raise ValueError(f"{guider_path}: the pose guider outputs {guider.conv_out.out_channels} channels but the "
@@ -348,39 +280,3 @@ def load_release(folder: str, dtype: Optional[torch.dtype] = None) -> LoadedRele
     if ref.filled:
         log.info("HumanRef: Parts2Whole reference_unet: %d tensors stripped by design, zero filled", len(ref.filled))
     return LoadedRelease(model, writer, encoder, release, ref.filled)
-
-
-# ----------------------------------------------------------------------------------------------- model folder
-FOLDER = "parts2whole"
-
-
-def list_releases() -> list[str]:
-    """Release folders under every models/parts2whole/ path (a folder counts when it has unet/config.json)."""
-    import folder_paths
-
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        return []
-    names = set()
-    for base in folder_paths.get_folder_paths(FOLDER):
-        if os.path.isdir(base):
-            for entry in os.listdir(base):
-                if os.path.isfile(os.path.join(base, entry, "unet", "config.json")):
-                    names.add(entry)
-    return sorted(names)
-
-
-def release_path(name: str) -> str:
-    import folder_paths
-
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        raise ValueError(f"the model folder '{FOLDER}' is not registered (is the HumanRef pack loaded?)")
-    bases = folder_paths.get_folder_paths(FOLDER)
-    if not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
-        raise ValueError(f"release must be a folder name under models/{FOLDER}/, got {name!r}")
-    for base in bases:
-        path = os.path.join(base, name)
-        if os.path.isdir(path):
-            return path
-    raise ValueError(f"release {name!r} not found in {', '.join(bases)}: put the Parts2Whole folders (unet/, "
-                     f"reference_unet/, pose_guider/, image_encoder/, feature_extractor/, {DECOUPLED_FILE}) in "
-                     f"models/{FOLDER}/{name or '<name>'}/")

@@ -1,6 +1,6 @@
 """Reference image and mask preparation in ComfyUI's layouts (IMAGE [B,H,W,C] in 0..1, MASK [B,H,W]).
 
-Pure torch: checks that name the offending input, resizing to a writer-friendly size.
+Pure torch: one PreparedReference per image at a writer-friendly size; the input checks are ``pipelines.images``'.
 """
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from ..images import check_image, check_mask, check_not_empty, fit_mask, resize_image, resize_mask
 
 log = logging.getLogger("humanref")
 
@@ -21,23 +21,6 @@ class PreparedReference:
     mask: Optional[Tensor]  # [H, W] in 0..1, or None (the whole reference)
     label: str
     slot: int  # which input it came from (0-based)
-
-
-def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
-    """[B, H, W, C] -> [B, h, w, C], bicubic with antialiasing, clamped to 0..1."""
-    if tuple(image.shape[1:3]) == tuple(size):
-        return image
-    x = image.movedim(-1, 1).float()
-    x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-    return x.movedim(1, -1).clamp(0.0, 1.0).to(image.dtype)
-
-
-def resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
-    """[B, H, W] -> [B, h, w], bilinear, clamped to 0..1."""
-    if tuple(mask.shape[1:3]) == tuple(size):
-        return mask
-    m = F.interpolate(mask.unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False)
-    return m.squeeze(1).clamp(0.0, 1.0)
 
 
 def writer_size(height: int, width: int, max_side: int) -> tuple[int, int]:
@@ -70,28 +53,13 @@ def prepare_references(
     refs: list[PreparedReference] = []
     for number, image, mask, label in inputs:
         iname, mname, lname = f"image_{number}", f"mask_{number}", f"label_{number}"
-        if image.ndim != 4 or image.shape[-1] not in (3, 4):
-            raise ValueError(f"{iname} must be an IMAGE [batch, height, width, channels], got {tuple(image.shape)}")
-        image = image[..., :3]
+        image = check_image(image, iname)[..., :3]
         count, height, width = image.shape[0], image.shape[1], image.shape[2]
         labels = split_labels(label, count, lname)
         if mask is not None:
-            if mask.ndim == 2:
-                mask = mask.unsqueeze(0)
-            if mask.ndim != 3:
-                raise ValueError(f"{mname} must be a MASK [batch, height, width], got {tuple(mask.shape)}")
-            if mask.shape[0] not in (1, count):
-                raise ValueError(f"{mname} has {mask.shape[0]} masks but {iname} has {count} images: "
-                                 "give one mask for all, or one per image")
-            if tuple(mask.shape[1:]) != (height, width):
-                log.warning("HumanRef: %s is %dx%d but %s is %dx%d; resizing the mask to the image",
-                            mname, mask.shape[2], mask.shape[1], iname, width, height)
-                mask = resize_mask(mask, (height, width))
-            for i in range(mask.shape[0]):
-                if float(mask[i].max()) <= 0.0:
-                    which = f"{mname}" if mask.shape[0] == 1 else f"{mname} (batch item {i})"
-                    raise ValueError(f"{which} is empty (all zero): it would select nothing of {iname}; "
-                                     "disconnect it to use the whole reference")
+            mask = fit_mask(check_mask(mask, mname, count, iname), (height, width), mname, iname)
+            check_not_empty(mask, mname, f"it would select nothing of {iname}; disconnect it to use the whole "
+                                         "reference")
         size = writer_size(height, width, max_side)
         if size != (height, width) and max_side <= 0:
             log.warning("HumanRef: %s is %dx%d; using %dx%d (multiples of 8) for the writer",

@@ -13,23 +13,44 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-import torch
-from torch import Tensor
-
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
+import torch
+from torch import Tensor
 
-from ...attention.bank import (MAX_REFERENCES, CapturedTokens, MaskProjector, ReferenceBank, ReferenceInfo,
-                              merge_captured)
-from ...attention.blocks import BlockInfo, BlockKey, block_label, describe_architecture, select_blocks, walk_transformer_blocks
+from ...attention.bank import (
+    MAX_REFERENCES,
+    CapturedTokens,
+    MaskProjector,
+    ReferenceBank,
+    ReferenceInfo,
+    Timing,
+    merge_captured,
+)
+from ...attention.blocks import (
+    BlockInfo,
+    BlockKey,
+    block_label,
+    describe_architecture,
+    select_blocks,
+    walk_transformer_blocks,
+)
 from ...attention.kernels import ProjectedReferences, project_references
 from ...attention.masks import region_allowed
-from ...attention.reader import DILUTING_MODES, MODES, ActiveLayer, reference_attention
+from ...attention.reader import ActivePatch, Mode, Strength, mode_named, reference_attention
+from ..loading.comfy_unet import model_family
 from .inputs import PreparedReference
-from .writer import (WriterInputs, check_writer_input, encode_images, group_references, label_conds, progress_bar,
-                     run_writer)
+from .writer import (
+    WriterInputs,
+    check_writer_input,
+    encode_images,
+    group_references,
+    label_conds,
+    progress_bar,
+    run_writer,
+)
 
 log = logging.getLogger("humanref")
 RUNS_KEY = "humanref_runs"
@@ -41,7 +62,7 @@ def build_reference_bank(
     vae: Any,
     clip: Any,
     refs: Sequence[PreparedReference],
-    timing: str,
+    timing: Timing,
     mask_rule: str,
     seed: int = 0,
 ) -> ReferenceBank:
@@ -49,8 +70,7 @@ def build_reference_bank(
     if len(refs) > MAX_REFERENCES:
         raise ValueError(f"{len(refs)} references given; at most {MAX_REFERENCES} are supported")
     model = writer.model
-    blocks = walk_transformer_blocks(model.diffusion_model)
-    pbar = progress_bar(len(refs) * (2 if timing == "once at t=0" else 1))
+    pbar = progress_bar(len(refs) * (2 if timing == Timing.ONCE else 1))
     device = writer.load_device
     latents = encode_images(vae, model, [r.image for r in refs])
     check_writer_input(model, latents)
@@ -70,29 +90,50 @@ def build_reference_bank(
     )
     infos = tuple(ReferenceInfo(r.label, r.slot, (r.image.shape[0], r.image.shape[1]), r.mask is not None)
                   for r in refs)
-    channels = {b.key: b.channels for b in blocks}
-    family = model_family(writer)
-    if timing == "every step":
-        return ReferenceBank(infos, channels, timing, mask_rule, features=None, writer=inputs, family=family)
-    comfy.model_management.load_models_gpu([writer])
-    features = run_writer(inputs, 0.0, keep_device=comfy.model_management.intermediate_device(), progress=pbar)
-    return ReferenceBank(infos, channels, timing, mask_rule, features=features, writer=None, family=family)
+    return bank_from_writer(inputs, infos, timing, mask_rule, progress=pbar)
 
 
-def model_family(patcher: Any) -> str:
-    """ComfyUI's name for the model family (SD15, SDXL, ...) from its supported-model config."""
-    config = getattr(patcher.model, "model_config", None)
-    return type(config).__name__ if config is not None else ""
+def bank_from_writer(
+    inputs: WriterInputs,
+    infos: tuple[ReferenceInfo, ...],
+    timing: Timing,
+    mask_rule: str,
+    keys: Optional[Sequence[BlockKey]] = None,
+    progress: Optional[Any] = None,
+    **extras: Any,
+) -> ReferenceBank:
+    """The bank of a writer: ``every step`` keeps the inputs for a writer pass per step; ``once at t=0`` runs the
+    writer now (only the blocks ``keys``, None = all) and keeps its features. ``extras``: more bank fields."""
+    patcher = inputs.patcher
+    channels = {b.key: b.channels for b in walk_transformer_blocks(patcher.model.diffusion_model)}
+    family = model_family(patcher)
+    if timing == Timing.EVERY_STEP:
+        return ReferenceBank(infos, channels, timing, mask_rule, writer=inputs, family=family, **extras)
+    comfy.model_management.load_models_gpu([patcher])
+    features = run_writer(inputs, 0.0, keys=keys, keep_device=comfy.model_management.intermediate_device(),
+                          progress=progress)
+    return ReferenceBank(infos, channels, timing, mask_rule, features=features, family=family, **extras)
+
+
+def existing_replaces(patcher: Any, attn: str) -> dict:
+    """The ``attn1``/``attn2`` replace patches already on a ModelPatcher, by block key."""
+    return patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get(attn, {})
+
+
+def replaced_by_another(where: str, existing: Any, advice: str) -> ValueError:
+    """The error for a block whose self-attention another node already replaces (two replaces cannot chain)."""
+    return ValueError(f"another node already replaces self-attention at {where} ({type(existing).__name__}); "
+                      f"{advice}")
 
 
 # ----------------------------------------------------------------------------------------------- reader side
 @dataclass(frozen=True, eq=False)
-class ReferenceLayer:
+class ReferencePatch:
     """One MaskedSharedAttentionPatch: a bank and how it is injected. Shared by clones, never deep-copied."""
 
     uid: str
     bank: ReferenceBank
-    mode: str
+    mode: Mode
     strength: float
     start_percent: float
     end_percent: float
@@ -100,12 +141,17 @@ class ReferenceLayer:
     paths: dict = field(default_factory=dict)  # BlockKey -> module path, in the UNet's execution order
     regions: Optional[Tensor] = None  # dual: one target-region mask [R, H, W] per reference of the bank
 
-    def __deepcopy__(self, memo: dict) -> "ReferenceLayer":
+    def __deepcopy__(self, memo: dict) -> ReferencePatch:
         return self
 
     @property
     def weight(self) -> float:
-        return self.strength if self.mode in ("blend", "dual") else 1.0
+        """The kernel's ratio or lambda; a mass strength goes into the projected references' bias instead."""
+        return 1.0 if self.mode.strength_is is Strength.MASS else self.strength
+
+    @property
+    def mass(self) -> float:
+        return self.strength if self.mode.strength_is is Strength.MASS else 1.0
 
     def uses_chunks(self, cond_or_uncond: Optional[Sequence[int]]) -> bool:
         return not cond_or_uncond or any(c == 0 or self.uncond for c in cond_or_uncond)
@@ -114,8 +160,8 @@ class ReferenceLayer:
 class RunState:
     """Per sampling run: activity at the current sigma, writer features, projected reference K/V per block."""
 
-    def __init__(self, layer: ReferenceLayer, sigma_start: float, sigma_end: float) -> None:
-        self.layer = layer
+    def __init__(self, patch: ReferencePatch, sigma_start: float, sigma_end: float) -> None:
+        self.patch = patch
         self.sigma_start = sigma_start
         self.sigma_end = sigma_end
         self.call_active = False
@@ -131,17 +177,17 @@ class RunState:
         sigma = float(sigmas.max()) if sigmas is not None else 0.0
         self.unet = unet
         cond_or_uncond = transformer_options.get("cond_or_uncond")
-        active = self.sigma_start >= sigma >= self.sigma_end and self.layer.uses_chunks(cond_or_uncond)
+        active = self.sigma_start >= sigma >= self.sigma_end and self.patch.uses_chunks(cond_or_uncond)
         self.call_active = active
         if not active:
             return
-        bank = self.layer.bank
+        bank = self.patch.bank
         if bank.cached:
             if self.features is None:
                 self.features = dict(bank.features)
             return
         if self.writer_sigma != sigma:
-            self.features = run_writer(bank.writer, sigma, keys=tuple(self.layer.paths))
+            self.features = run_writer(bank.writer, sigma, keys=tuple(self.patch.paths))
             self.writer_sigma = sigma
             self.writer_passes += 1
             self.projected.clear()
@@ -151,22 +197,17 @@ class RunState:
             return self.projected[key]
         refs = None
         entries = None if self.features is None else self.features.get(key)
-        if entries:
+        patch, mode = self.patch, self.patch.mode
+        separate = not mode.joins_own_keys
+        if entries and not (separate and patch.strength == 0):  # lambda = 0: exactly the frozen self-attention
             merged = merge_captured(entries)
             tokens = merged.tokens.to(device=like.device, dtype=like.dtype)
-            dropped = merged.dropped
-            attn1 = self.unet.get_submodule(self.layer.paths[key]).attn1
-            layer = self.layer
-            strength = layer.strength if layer.mode in ("concat", "strict") else 1.0
+            attn1 = self.unet.get_submodule(patch.paths[key]).attn1
             to_k, to_v = attn1.to_k, attn1.to_v
-            if layer.mode == "dual" and layer.bank.projections is not None and key in layer.bank.projections:
-                to_k, to_v = layer.bank.projections[key]  # trained W'_k, W'_v
-            if layer.mode == "dual" and layer.strength == 0:
-                refs = None  # lambda = 0: exactly the frozen self-attention
-            else:
-                refs = project_references(tokens, dropped, to_k, to_v, strength=strength,
-                                          dilute=layer.mode in DILUTING_MODES)
-            if refs is not None and layer.mode == "dual":
+            if separate and patch.bank.projections is not None and key in patch.bank.projections:
+                to_k, to_v = patch.bank.projections[key]  # trained W'_k, W'_v
+            refs = project_references(tokens, merged.dropped, to_k, to_v, strength=patch.mass, dilute=mode.dilutes)
+            if refs is not None and mode.takes_regions:
                 segments = tuple(int(e.tokens.shape[0]) for e in entries)
                 refs = ProjectedReferences(refs.k, refs.v, refs.bias, segments)
         self.projected[key] = refs
@@ -174,7 +215,7 @@ class RunState:
 
     def allowed_for(self, grid: tuple[int, int], like: Tensor) -> Optional[Tensor]:
         """Which references each target token may attend to on this grid (dual region masks), or None."""
-        regions = self.layer.regions
+        regions = self.patch.regions
         if regions is None:
             return None
         if grid not in self.allowed:
@@ -194,32 +235,32 @@ def host_attention(extra_options: dict):
 
 
 class ReferenceAttnReplace:
-    """The attn1 replace of one block: every chained HumanRef layer that covers this block."""
+    """The attn1 replace of one block: every chained HumanRef patch that covers this block."""
 
-    def __init__(self, key: BlockKey, layers: tuple[ReferenceLayer, ...]) -> None:
+    def __init__(self, key: BlockKey, patches: tuple[ReferencePatch, ...]) -> None:
         self.key = key
-        self.layers = layers
+        self.patches = patches
 
-    def __deepcopy__(self, memo: dict) -> "ReferenceAttnReplace":
+    def __deepcopy__(self, memo: dict) -> ReferenceAttnReplace:
         return self
 
-    def with_layer(self, layer: ReferenceLayer) -> "ReferenceAttnReplace":
-        return ReferenceAttnReplace(self.key, self.layers + (layer,))
+    def with_patch(self, patch: ReferencePatch) -> ReferenceAttnReplace:
+        return ReferenceAttnReplace(self.key, self.patches + (patch,))
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
         runs = extra_options.get(RUNS_KEY) or {}
-        active: list[ActiveLayer] = []
-        for layer in self.layers:
-            state: Optional[RunState] = runs.get(layer.uid)
+        active: list[ActivePatch] = []
+        for patch in self.patches:
+            state: Optional[RunState] = runs.get(patch.uid)
             if state is None or not state.call_active:
                 continue
             refs = state.refs_for(self.key, q)
             if refs is not None:
                 allowed = None
-                if layer.regions is not None:
+                if patch.regions is not None:
                     h, w = extra_options["activations_shape"][-2:]
                     allowed = state.allowed_for((int(h), int(w)), q) if q.shape[1] == h * w else None
-                active.append(ActiveLayer(layer.mode, refs, layer.weight, layer.uncond, allowed))
+                active.append(ActivePatch(patch.mode, refs, patch.weight, patch.uncond, allowed))
         if active:
             h, w = extra_options["activations_shape"][-2:]
             if q.shape[1] != h * w:
@@ -233,18 +274,18 @@ class ReferenceAttnReplace:
                                    host_attention(extra_options))
 
 
-def _outer_sample_wrapper(layer: ReferenceLayer):
+def _outer_sample_wrapper(patch: ReferencePatch):
     def wrapper(executor, *args, **kwargs):
         guider = executor.class_obj
         original = guider.model_options
         guider.model_options = comfy.model_patcher.create_model_options_clone(original)
         try:
             sampling = guider.model_patcher.get_model_object("model_sampling")
-            state = RunState(layer, float(sampling.percent_to_sigma(layer.start_percent)),
-                             float(sampling.percent_to_sigma(layer.end_percent)))
+            state = RunState(patch, float(sampling.percent_to_sigma(patch.start_percent)),
+                             float(sampling.percent_to_sigma(patch.end_percent)))
             to = guider.model_options.setdefault("transformer_options", {})
             runs = dict(to.get(RUNS_KEY, {}))
-            runs[layer.uid] = state
+            runs[patch.uid] = state
             to[RUNS_KEY] = runs
             return executor(*args, **kwargs)
         finally:
@@ -253,9 +294,9 @@ def _outer_sample_wrapper(layer: ReferenceLayer):
     return wrapper
 
 
-def _diffusion_model_wrapper(layer: ReferenceLayer):
+def _diffusion_model_wrapper(patch: ReferencePatch):
     def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        state = (transformer_options.get(RUNS_KEY) or {}).get(layer.uid)
+        state = (transformer_options.get(RUNS_KEY) or {}).get(patch.uid)
         if state is not None:
             state.begin_call(executor.class_obj, transformer_options)
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
@@ -276,12 +317,13 @@ def check_compatible(bank: ReferenceBank, blocks: Sequence[BlockInfo], model_des
             "of the same architecture (for training-free use, the same checkpoint).")
 
 
-def check_regions(regions: Optional[Tensor], bank: ReferenceBank, mode: str) -> Optional[Tensor]:
+def check_regions(regions: Optional[Tensor], bank: ReferenceBank, mode: Mode) -> Optional[Tensor]:
     """Region masks [R, H, W] (float, CPU), one per reference of the bank, or a clear error naming them."""
     if regions is None:
         return None
-    if mode != "dual":
-        raise ValueError(f"region_masks apply to mode 'dual' only (got mode {mode!r}); disconnect them or use dual")
+    if not mode.takes_regions:
+        raise ValueError(f"region_masks apply to mode 'dual' only (got mode {mode.name!r}); disconnect them or use "
+                         "dual")
     if regions.ndim == 2:
         regions = regions.unsqueeze(0)
     names = ", ".join(f"{i + 1}: {r.label}" for i, r in enumerate(bank.references))
@@ -312,15 +354,15 @@ def apply_reference_patch(
 ) -> Any:
     """A patched clone of ``model``; the input model is never modified.
 
+    ``mode``: a name in the engine's mode table (``attention.reader.MODES``), as the patch node's combo holds it.
     ``regions`` (dual mode only): one target-region mask per reference of the bank, [R, H, W] in 0..1 at any
     resolution (scaled to each block's grid): target tokens outside reference r's region do not attend to r.
     None: the bank's own regions, if it has any.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-    if regions is None and mode == "dual":
+    injection = mode_named(mode)
+    if regions is None and injection.takes_regions:
         regions = bank.regions  # the garments' own regions, given to the garment extractor
-    regions = check_regions(regions, bank, mode)
+    regions = check_regions(regions, bank, injection)
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise ValueError(f"start_percent ({start_percent}) must be <= end_percent ({end_percent}), both in 0..1")
     if strength < 0:
@@ -331,22 +373,22 @@ def apply_reference_patch(
     check_compatible(bank, chosen, describe_architecture(all_blocks, model_family(patched)))
     uid = f"humanref_ref_{uuid.uuid4().hex[:12]}"
     chosen_keys = {b.key for b in chosen}
-    layer = ReferenceLayer(uid, bank, mode, float(strength), float(start_percent), float(end_percent), bool(uncond),
-                           {b.key: b.path for b in all_blocks if b.key in chosen_keys}, regions)
-    replaces = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    patch = ReferencePatch(uid, bank, injection, float(strength), float(start_percent), float(end_percent),
+                           bool(uncond), {b.key: b.path for b in all_blocks if b.key in chosen_keys}, regions)
+    replaces = existing_replaces(patched, "attn1")
     for b in chosen:
         existing = replaces.get(b.key)
         if existing is None:
-            patch = ReferenceAttnReplace(b.key, (layer,))
+            replace = ReferenceAttnReplace(b.key, (patch,))
         elif isinstance(existing, ReferenceAttnReplace):
-            patch = existing.with_layer(layer)
+            replace = existing.with_patch(patch)
         else:
-            raise ValueError(f"another node already replaces self-attention at block {block_label(b.key)} "
-                             f"({type(existing).__name__}); apply HumanRef's patch first or choose other blocks")
-        patched.set_model_attn1_replace(patch, b.key[0], b.key[1], b.key[2])
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, uid, _outer_sample_wrapper(layer))
+            raise replaced_by_another(f"block {block_label(b.key)}", existing,
+                                      "apply HumanRef's patch first or choose other blocks")
+        patched.set_model_attn1_replace(replace, b.key[0], b.key[1], b.key[2])
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, uid, _outer_sample_wrapper(patch))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, uid,
-                                 _diffusion_model_wrapper(layer))
+                                 _diffusion_model_wrapper(patch))
     if not bank.cached and bank.writer.patcher.model is not patched.model:
         patched.set_additional_models(uid, [bank.writer.patcher])
     return patched

@@ -8,11 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-import torch
-from torch import Tensor
-
 import comfy.model_management
 import comfy.utils
+import torch
+from torch import Tensor
 
 from ...attention.bank import CapturedTokens, MaskProjector, select_tokens
 from ...attention.blocks import BlockKey, walk_transformer_blocks
@@ -45,7 +44,7 @@ class WriterInputs:
     # of latents noised to sigma with the fixed noise (reference-only).
     clean: bool = False
 
-    def __deepcopy__(self, memo: dict) -> "WriterInputs":
+    def __deepcopy__(self, memo: dict) -> WriterInputs:
         return self
 
     def noise_for(self, group: int, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -18,7 +18,8 @@ TINY_RANK = 4
 
 def _tiny_unet() -> dict[str, torch.Tensor]:
     """The tiny checkpoint's UNet weights (same config, seed and dtype as synthetic/tiny.py writes)."""
-    from .base import random_like, tiny_sd15_unet_config, unet_shapes
+    from ..loading.comfy_unet import unet_shapes
+    from .base import random_like, tiny_sd15_unet_config
 
     return random_like(unet_shapes(tiny_sd15_unet_config()), 0, torch.float16)
 

@@ -15,6 +15,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from ..loading.comfy_unet import UNET_PREFIX, unet_shapes
+from ..loading.diffusers_unet import diffusers_names, stripped_reference_keys
+
 
 def sd15_unet_config(model_channels: int = 320, channel_mult: tuple[int, ...] = (1, 2), num_res_blocks: int = 1,
                      in_channels: int = 4, middle: bool = True, context_dim: int = 768) -> dict:
@@ -41,7 +44,8 @@ def sdxl_unet_config(model_channels: int = 64, channel_mult: tuple[int, ...] = (
         "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
         "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
         "model_channels": model_channels, "num_res_blocks": [1] * levels,
-        "transformer_depth": [0] + [depth] * (levels - 1), "transformer_depth_output": [0, 0] + [depth, depth] * (levels - 1),
+        "transformer_depth": [0] + [depth] * (levels - 1),
+        "transformer_depth_output": [0, 0] + [depth, depth] * (levels - 1),
         "channel_mult": list(channel_mult), "transformer_depth_middle": depth, "use_linear_in_transformer": True,
         "context_dim": 2048, "num_head_channels": 64, "use_temporal_attention": False, "use_temporal_resblock": False,
     }
@@ -97,22 +101,11 @@ def _meta_shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in module.state_dict().items()}
 
 
-def unet_shapes(unet_config: dict) -> dict[str, torch.Size]:
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-    with torch.device("meta"):
-        unet = UNetModel(**unet_config, device="meta", operations=comfy.ops.disable_weight_init)
-    return _meta_shapes(unet)
-
-
 def diffusers_unet_state_dict(unet_config: dict, seed: int = 0, dtype: torch.dtype = torch.float32,
                               stripped_reference: bool = False) -> dict[str, Tensor]:
     """Random UNet weights under diffusers names (every ComfyUI key has one); stripped_reference drops what the
-    official Parts2Whole/MimicBrush reference UNets lack (pipelines.diffusers_unet.stripped_reference_keys)."""
+    official Parts2Whole/MimicBrush reference UNets lack (loading.diffusers_unet.stripped_reference_keys)."""
     import comfy.utils
-
-    from ..loading.diffusers_unet import diffusers_names, stripped_reference_keys
 
     sd = diffusers_names(unet_config, random_like(unet_shapes(unet_config), seed, dtype))
     if stripped_reference:
@@ -134,7 +127,8 @@ def build_model(unet_config: dict, seed: int = 0, arch: str = "sd15", dtype: tor
     model = config.get_model({})
     model.load_model_weights(random_like(unet_shapes(unet_config), seed, dtype), "")
     load = device or comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=comfy.model_management.unet_offload_device())
+    offload = comfy.model_management.unet_offload_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=offload)
 
 
 def clip_shapes() -> dict[str, torch.Size]:
@@ -191,7 +185,7 @@ def sd15_checkpoint_state_dict(unet_config: Optional[dict] = None, seed: int = 0
     """
     sd: dict[str, Tensor] = {}
     unet = random_like(unet_shapes(unet_config or sd15_unet_config()), seed, dtype)
-    sd.update({f"model.diffusion_model.{k}": v for k, v in unet.items()})
+    sd.update({f"{UNET_PREFIX}{k}": v for k, v in unet.items()})
     clip = random_like(clip_shapes(), seed + 1, dtype)
     sd.update({f"cond_stage_model.transformer.{k}": v for k, v in clip.items() if k != "text_projection.weight"})
     vae = random_like(vae_shapes(), seed + 2, dtype)

@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import TinyModel, random_like, sd15_unet_config, unet_shapes
+from ..loading.comfy_unet import unet_shapes
+from .base import TinyModel, random_like, sd15_unet_config
 
 TINY_HAND_GENERATOR = "humanref-tiny-hand-generator.safetensors"
 

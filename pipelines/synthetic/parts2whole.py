@@ -15,7 +15,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import TinyModel, diffusers_unet_state_dict, random_like, sd15_unet_config, unet_shapes
+from ..loading.comfy_unet import unet_shapes
+from ..loading.unet_configs import diffusers_config_from_ldm_config
+from .base import TinyModel, diffusers_unet_state_dict, random_like, sd15_unet_config
 
 TINY_RELEASE = "humanref-tiny-parts2whole"
 FEATURE_EXTRACTOR = {
@@ -38,26 +40,6 @@ def tiny_image_encoder_config(hidden: int = 64, layers: int = 2, projection: int
         "initializer_range": 0.02, "intermediate_size": hidden * 4, "layer_norm_eps": 1e-05,
         "model_type": "clip_vision_model", "num_attention_heads": 4, "num_channels": 3,
         "num_hidden_layers": layers, "patch_size": 14, "projection_dim": projection, "torch_dtype": "float32",
-    }
-
-
-def diffusers_unet_config(unet_config: dict) -> dict:
-    """The diffusers config.json of a ComfyUI SD1.5-style UNet config (inverse of the loader's translation)."""
-    mc = unet_config["model_channels"]
-    widths = [mc * m for m in unet_config["channel_mult"]]
-    nrb = unet_config["num_res_blocks"][0]
-    levels = len(widths)
-    attn_down = [unet_config["transformer_depth"][level * nrb] > 0 for level in range(levels)]
-    attn_up = [unet_config["transformer_depth_output"][level * (nrb + 1)] > 0 for level in range(levels)]
-    return {
-        "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
-        "block_out_channels": widths, "center_input_sample": False, "cross_attention_dim": unet_config["context_dim"],
-        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn_down],
-        "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": unet_config["in_channels"],
-        "layers_per_block": nrb, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
-        "out_channels": unet_config["out_channels"], "sample_size": 64,
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn_up)],
-        "use_linear_projection": False,
     }
 
 
@@ -117,7 +99,7 @@ def write_release(path: str, unet_config: Optional[dict] = None, seed: int = 0, 
     """Write a synthetic release folder; returns the state dicts written (for tests)."""
     cfg = unet_config or sd15_unet_config()
     enc_cfg = image_encoder or tiny_image_encoder_config()
-    diff_cfg = diffusers_unet_config(cfg)
+    diff_cfg = diffusers_config_from_ldm_config(cfg)
     unet = diffusers_unet_state_dict(cfg, seed, dtype)
     ref = diffusers_unet_state_dict(cfg, seed + 1, dtype, stripped_reference=True)
     dc = decoupled_state_dict(cfg, seed + 2, enc_cfg["projection_dim"], dtype)
@@ -127,7 +109,8 @@ def write_release(path: str, unet_config: Optional[dict] = None, seed: int = 0, 
           os.path.join(path, "model_index.json"))
     _json(diff_cfg, os.path.join(path, "unet", "config.json"))
     _save({**unet, **dc} if dc_in_unet else unet, os.path.join(path, "unet", "diffusion_pytorch_model.safetensors"))
-    _json(dict(diff_cfg, _class_name="ReferenceUNet2DConditionModel"), os.path.join(path, "reference_unet", "config.json"))
+    _json(dict(diff_cfg, _class_name="ReferenceUNet2DConditionModel"),
+          os.path.join(path, "reference_unet", "config.json"))
     _save(ref, os.path.join(path, "reference_unet", "diffusion_pytorch_model.safetensors"))
     _json({"_class_name": "PoseGuider", "conditioning_embedding_channels": cfg["model_channels"],
            "conditioning_channels": 3, "block_out_channels": [16, 32, 96, 256]},

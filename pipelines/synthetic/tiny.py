@@ -4,6 +4,7 @@ from __future__ import annotations
 from . import anydressing, hands, mimicbrush, parts2whole
 from .base import TINY_CONTROLNET, TINY_SD15_CHECKPOINT, TinyModel, tiny_sd15_unet_config
 
+
 def tiny_sd15_checkpoint() -> dict:
     import torch
 

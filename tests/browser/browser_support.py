@@ -1,29 +1,31 @@
 """The browser tier's shared code (the tests and the screenshot script): a models folder holding the tiny
-synthetic models under the file names the shipped workflows use, and a driver for the ComfyUI page in headless
-chromium that opens workflows the way a user does and reports what the frontend complains about.
+synthetic models under the file names the shipped workflows use, the README's install step that puts the example
+inputs into a server's input folder, and a driver for the ComfyUI page in headless chromium that opens workflows
+the way a user does and reports what the frontend complains about and how the graph is laid out.
 
-Nothing here writes into the repository except :func:`save_pictures` (the explicit screenshot command).
+Nothing here writes into the repository except :func:`capture_graph` (the explicit screenshot command).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-E2E = Path(__file__).resolve().parents[1] / "e2e"
-if str(E2E) not in sys.path:
-    sys.path.insert(0, str(E2E))
-
-from e2e_support import INPUTS, REPO, WORKFLOWS  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))  # e2e_support, also for screenshots.py
+from e2e_support import INPUTS, REPO, UI_NAMES, UI_WORKFLOWS
 
 DOCS = REPO / "docs"
-WORKFLOW_NAMES = tuple(sorted(p.stem for p in WORKFLOWS.glob("*.json")))
+README = REPO / "README.md"
+WORKFLOW_NAMES = tuple(UI_NAMES)  # the workflows by method; their file names (the template cards) are UI_NAMES
 
 # Debian's chromium (apt-get install chromium); HUMANREF_CHROMIUM overrides. Never a downloaded browser.
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
@@ -36,7 +38,8 @@ SERVER_ARGS = ("--disable-api-nodes",)
 
 # The loader nodes of the shipped workflows: the model file (the node's first widget value) lives in this
 # ComfyUI model folder. The browser tier installs the tiny model of that folder under the shipped name, so the
-# graphs load as a user with the real models sees them (no missing-models dialog) and run unchanged.
+# graphs load as a user with the real models sees them (no missing-models dialog) and run unchanged. An optional
+# loader ships inactive (muted or bypassed) with no file chosen ("").
 MODEL_LOADERS = {
     "CheckpointLoaderSimple": "checkpoints",
     "ControlNetLoader": "controlnet",
@@ -45,6 +48,12 @@ MODEL_LOADERS = {
     "HumanRef_Parts2WholeLoader": "parts2whole",
     "HumanRef_HandGeneratorLoader": "hand_generator",
 }
+# Loaders whose value is a folder (a whole release): the missing-models dialog only knows files, so the About note
+# says where the folder goes instead.
+RELEASE_FOLDER_LOADERS = frozenset({"HumanRef_Parts2WholeLoader"})
+# Where the missing-models dialog's downloads come from (the frontend allows these hosts).
+MODEL_HOSTS = ("https://huggingface.co/",)
+ABOUT_TITLE = "About this workflow"
 
 # What a CPU user edits after loading: small images, few steps (node id -> widget name -> value). Nothing else
 # changes; model names, prompts, seeds and every other setting stay as shipped.
@@ -125,19 +134,86 @@ def make_server(models: Path):
     return LocalComfyUI(comfyui_path(), models=str(models), extra_args=SERVER_ARGS, start_timeout=180)
 
 
-def prepare_server(client) -> None:
-    """What a user has done before opening the workflows: the example inputs uploaded, and a returning
-    user's profile (the first-run templates dialog does not pop up by itself; the tests open the template
-    browser through the menu, deterministically)."""
-    upload_inputs(client)
+def prepare_server(client, input_dir: Optional[str] = None) -> list[str]:
+    """What a user has done before opening the workflows: the README's install step run against the server's
+    input folder (input_dir; None: leave the inputs out), and a returning user's profile (the first-run
+    templates dialog does not pop up by itself; the tests open the template browser through the menu,
+    deterministically). Returns what the install step put into the input folder."""
+    installed = install_example_inputs(input_dir) if input_dir is not None else []
+    returning_user(client)
+    return installed
+
+
+def returning_user(client) -> None:
     status, body = client.post_json("/settings/Comfy.TutorialCompleted", True)
     if status != 200:
         raise RuntimeError(f"POST /settings/Comfy.TutorialCompleted: HTTP {status}: {body}")
 
 
 def load_workflow(name: str) -> dict:
-    with open(WORKFLOWS / f"{name}.json", encoding="utf-8") as f:
+    """The shipped UI workflow of a method (WORKFLOW_NAMES)."""
+    with open(UI_WORKFLOWS[name], encoding="utf-8") as f:
         return json.load(f)
+
+
+def active(node: dict) -> bool:
+    """Runs when queued (mode 0; 2 is muted, 4 bypassed)."""
+    return node.get("mode", 0) == 0
+
+
+def loader_models(workflow: dict, only_active: bool = True) -> list[tuple[str, str, dict]]:
+    """(model folder, value, node) of the workflow's loader nodes (MODEL_LOADERS)."""
+    return [(MODEL_LOADERS[n["type"]], n["widgets_values"][0], n) for n in workflow["nodes"]
+            if n["type"] in MODEL_LOADERS and (active(n) or not only_active)]
+
+
+def needed_models(workflow: dict) -> set[str]:
+    """The models the missing-models dialog must list when absent, as it writes them ("folder / file"): the
+    files the running (active) loaders load; a release folder is not a file the dialog can check."""
+    return {f"{folder} / {value}" for folder, value, node in loader_models(workflow)
+            if node["type"] not in RELEASE_FOLDER_LOADERS}
+
+
+# ---------------------------------------------------------------------------------------------- example inputs
+def readme_input_commands() -> dict[str, str]:
+    """The README install section's commands that copy the example inputs: {"posix": "cp ...", "windows":
+    "copy ..."}, each as written, without a trailing comment."""
+    text = README.read_text(encoding="utf-8")
+    section = re.search(r"^## Install into ComfyUI\n(.*?)(?=^## )", text, re.M | re.S)
+    if section is None:
+        raise RuntimeError("README.md has no '## Install into ComfyUI' section")
+    posix = re.findall(r"^\s*(cp \S*workflows/inputs/\S+ \S+)", section.group(1), re.M)
+    windows = re.findall(r"(copy \S*workflows\\inputs\\\S+ [^`\s]+)", section.group(1))
+    if len(posix) != 1 or len(windows) != 1:
+        raise RuntimeError(f"README.md's install section should copy the example inputs with one cp line and its "
+                           f"Windows copy form; found {posix + windows}")
+    return {"posix": posix[0], "windows": windows[0]}
+
+
+def install_example_inputs(input_dir: str) -> list[str]:
+    """Run the README's cp line exactly as written, from custom_nodes/ of a ComfyUI layout whose humanref/ is
+    this repository and whose input/ is input_dir (a server's input folder). Returns input_dir's files after."""
+    command = readme_input_commands()["posix"]
+    with tempfile.TemporaryDirectory(prefix="humanref-layout-") as layout:
+        custom_nodes = Path(layout) / "custom_nodes"
+        custom_nodes.mkdir()
+        (custom_nodes / "humanref").symlink_to(REPO, target_is_directory=True)
+        (Path(layout) / "input").symlink_to(Path(input_dir).resolve(), target_is_directory=True)
+        proc = subprocess.run(["bash", "-c", command], cwd=str(custom_nodes), capture_output=True, text=True,
+                              timeout=60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the README's step {command!r} failed: {proc.stderr}")
+    return input_files(input_dir)
+
+
+def input_files(input_dir: str) -> list[str]:
+    """The files in an input folder (ComfyUI itself makes the subfolder 3d/ there at start)."""
+    return sorted(p.name for p in Path(input_dir).iterdir() if p.is_file())
+
+
+def workflow_images(workflow: dict) -> set[str]:
+    """The input-folder files the workflow's image loaders (LoadImage, LoadImageMask) name."""
+    return {n["widgets_values"][0] for n in workflow["nodes"] if n["type"] in ("LoadImage", "LoadImageMask")}
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -145,10 +221,8 @@ def shipped_models() -> list[tuple[str, str]]:
     """(model folder, file name) of every loader widget in the shipped workflows (muted nodes included)."""
     found = set()
     for name in WORKFLOW_NAMES:
-        for node in load_workflow(name)["nodes"]:
-            folder = MODEL_LOADERS.get(node["type"])
-            if folder:
-                found.add((folder, node["widgets_values"][0]))
+        found |= {(folder, value) for folder, value, _ in loader_models(load_workflow(name), only_active=False)
+                  if value}
     return sorted(found)
 
 
@@ -187,11 +261,6 @@ def install_models(tiny: Path, dest: Path) -> list[tuple[str, str]]:
             raise RuntimeError(f"no way to stand {source.name} in for {folder}/{name}")
         added.append((folder, name))
     return added
-
-
-def upload_inputs(client) -> list[str]:
-    """Upload the example input images (workflows/inputs/*.png) as a user does before opening a workflow."""
-    return [client.upload_image(str(p), overwrite=True) for p in sorted(INPUTS.glob("*.png"))]
 
 
 def expected_sizes(name: str) -> list[tuple[int, int]]:
@@ -242,7 +311,8 @@ GRAPH_PROBLEMS_JS = """() => {
     });
     for (const w of n.widgets ?? []) {
       const values = w.options?.values;
-      if (w.type === 'combo' && Array.isArray(values) && !values.includes(w.value))
+      const unchosen = n.mode !== 0 && w.value === '';  // an optional node left off, its file not chosen yet
+      if (w.type === 'combo' && Array.isArray(values) && !values.includes(w.value) && !unchosen)
         problems.push(`${where}: widget ${w.name} = ${JSON.stringify(w.value)} is not one of the server's options`);
       if (typeof w.value === 'number' && ((w.options?.min != null && w.value < w.options.min) ||
                                           (w.options?.max != null && w.value > w.options.max)))
@@ -342,7 +412,7 @@ class Frontend:
         self.page.wait_for_function("() => !document.querySelector('.p-toast-message')", timeout=10_000)
 
     # -------------------------------------------------------------- actions
-    def open(self) -> "Frontend":
+    def open(self) -> Frontend:
         self.page.goto(self.url)
         self.page.wait_for_function("() => window.app?.graph && window.app.canvas && window.app.extensionManager"
                                     " && document.querySelector('.comfy-menu-button-wrapper')", timeout=60_000)
@@ -382,12 +452,13 @@ class Frontend:
         self.settle(1.0)
 
     def open_template(self, module: str, name: str) -> dict:
-        """Workflow templates browser: the module's section, the card's thumbnail, a click on the card.
-        Returns what the card showed (title and the thumbnail's natural size)."""
+        """Workflow templates browser: the module's section, the card's thumbnail, a click on the card of the
+        method `name` (its file is UI_NAMES[name]). Returns what the card showed (title and the thumbnail's
+        natural size)."""
         self.menu("Browse Templates")
         dialog = self.page.get_by_role("dialog")
         dialog.get_by_text(module, exact=True).click()
-        card = self.page.get_by_test_id(f"template-workflow-{name}")
+        card = self.page.get_by_test_id(f"template-workflow-{UI_NAMES[name]}")
         card.wait_for()
         card.scroll_into_view_if_needed()  # thumbnails load lazily, when in view
         thumb = card.locator("img").first
@@ -422,11 +493,73 @@ class Frontend:
     def node_outputs(self, node_id: int) -> Optional[dict]:
         return self.page.evaluate("(id) => window.app.nodeOutputs?.[String(id)] ?? null", node_id)
 
+    def layout(self) -> dict:
+        return self.page.evaluate(LAYOUT_JS, {"about": ABOUT_TITLE, "overlay": list(OVERLAYS)})
+
+    def missing_models(self) -> Optional[list[str]]:
+        """The models the missing-models dialog lists ("folder / file"), or None when it is not shown."""
+        for text in self.dialogs():
+            if text.startswith("Missing Models"):
+                return sorted(line for line in text.splitlines() if re.fullmatch(r"\S+ / \S+", line))
+        return None
+
+
+# Screen space the page's own controls cover on the canvas at VIEWPORT (pixels from the left, top, right and bottom
+# edges: the side bar, the tab bar and workflow name, the Run bar's row, the canvas controls): what must be in the
+# first view has to be inside the rest.
+OVERLAYS = (70, 90, 20, 90)
+
+# How the loaded graph reads on screen, measured with the frontend's own objects and rules:
+# - zoom: the canvas scale and the frontend's low-detail threshold (below it every node is drawn as a blank box;
+#   LiteGraph.Canvas.MinFontSizeForLOD / (NODE_TEXT_SIZE * sqrt(devicePixelRatio)));
+# - group title bars (the group's colour strip, font_size * 1.4 high) covered by a node (its bounding rect,
+#   title included), and group titles wider than their group;
+# - node titles the frontend truncates (it cuts a title wider than the node's width minus two title heights);
+# - the About note: its text, whether its markdown fits in the node, whether it is whole in the first view
+#   (the visible canvas area less the OVERLAYS).
+LAYOUT_JS = """({about, overlay}) => {
+  const c = window.app.canvas, g = window.app.graph;
+  const ctx = document.createElement('canvas').getContext('2d');
+  const overlaps = (a, b) => a[0] < b[0] + b[2] && b[0] < a[0] + a[2] && a[1] < b[1] + b[3] && b[1] < a[1] + a[3];
+  const out = {scale: c.ds.scale, threshold: c._lowQualityZoomThreshold, low_quality: c.low_quality,
+               covered_group_titles: [], wide_group_titles: [], cut_node_titles: [], about: []};
+  for (const gr of g._groups) {
+    const bar = [gr.pos[0], gr.pos[1], gr.size[0], gr.titleHeight];
+    for (const n of g._nodes)
+      if (overlaps(bar, Array.from(n.boundingRect)))
+        out.covered_group_titles.push(`group "${gr.title}": title bar under node ${n.id} (${n.getTitle()})`);
+    ctx.font = `${gr.font_size}px ${LiteGraph.GROUP_FONT}`;
+    const width = ctx.measureText(gr.title).width + 4;  // drawn 4 px (LGraphGroup.padding) in from the left
+    if (width > gr.size[0]) out.wide_group_titles.push(`group "${gr.title}": title ${Math.ceil(width)} px wide, ` +
+                                                        `group ${gr.size[0]}`);
+  }
+  for (const n of g._nodes) {
+    if (n.collapsed) continue;
+    ctx.font = n.titleFontStyle;
+    const title = String(n.getTitle() ?? '');
+    const room = n.size[0] - 2 * LiteGraph.NODE_TITLE_HEIGHT;
+    if (ctx.measureText(title).width > room)
+      out.cut_node_titles.push(`node ${n.id} (${n.type}): "${title}" is ${Math.ceil(ctx.measureText(title).width)}` +
+                               ` px, room for ${room}`);
+  }
+  const [vx, vy, vw, vh] = c.visible_area, s = c.ds.scale;
+  const view = [vx + overlay[0] / s, vy + overlay[1] / s, vw - (overlay[0] + overlay[2]) / s,
+                vh - (overlay[1] + overlay[3]) / s];
+  for (const n of g._nodes.filter((n) => n.type === 'MarkdownNote' && n.title === about)) {
+    const [x, y, w, h] = Array.from(n.boundingRect);
+    const text = n.widgets?.[0]?.value ?? '';
+    const box = n.widgets?.[0]?.element?.querySelector('.tiptap');  // the rendered markdown (0 high off screen)
+    out.about.push({id: n.id, text, in_first_view: x >= view[0] && y >= view[1] && x + w <= view[0] + view[2] &&
+                                                    y + h <= view[1] + view[3],
+                    text_fits: !!box && box.clientHeight > 0 && box.scrollHeight <= box.clientHeight});
+  }
+  return out;
+}"""
+
 
 # ---------------------------------------------------------------------------------------------- pictures
 PICTURE_MAX_WIDTH = 2000  # pixels; larger graphs are drawn smaller (all text still drawn: no low-detail mode)
 PICTURE_PAD = 40
-THUMBNAIL_WIDTH = 512
 
 GRAPH_BOUNDS_JS = """() => {
   let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
@@ -448,11 +581,10 @@ PICTURE_SETTINGS_JS = """async () => {
 }"""
 
 
-def capture_graph(frontend: "Frontend", png: Path, jpg: Optional[Path] = None) -> tuple[int, int]:
+def capture_graph(frontend: Frontend, png: Path) -> tuple[int, int]:
     """Screenshot the loaded graph as the page draws it: focus mode (no menus or side bars), no minimap,
-    canvas menu or stats, the whole graph in view at up to 100 % zoom. Writes png (and a JPEG thumbnail of
-    THUMBNAIL_WIDTH pixels to jpg); returns the picture's size. Changes the page's settings: use a server
-    of its own."""
+    canvas menu or stats, the whole graph in view at up to 100 % zoom. Writes png; returns the picture's size.
+    Changes the page's settings: use a server of its own."""
     from PIL import Image
 
     page = frontend.page
@@ -470,11 +602,6 @@ def capture_graph(frontend: "Frontend", png: Path, jpg: Optional[Path] = None) -
     png.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(png))
     with Image.open(png) as picture:
-        picture.load()
-        if jpg is not None:
-            height = round(picture.height * THUMBNAIL_WIDTH / picture.width)
-            thumb = picture.convert("RGB").resize((THUMBNAIL_WIDTH, height), Image.LANCZOS)
-            thumb.save(jpg, "JPEG", quality=85, optimize=True)
         return picture.size
 
 

@@ -2,9 +2,9 @@
 ComfyUI server per session (humanref.cli.server.LocalComfyUI, as the e2e tier), with the pack and the tiny
 synthetic models installed under the file names the shipped workflows use.
 
-Set HUMANREF_TINY_MODELS=DIR to reuse models written earlier by ``python -m humanref tiny-models DIR``. The test
-modules skip with the reason when ComfyUI, chromium or the playwright package is missing; nothing here imports
-playwright at collection time.
+Set HUMANREF_TINY_MODELS=DIR to reuse models written earlier by ``python -m humanref tiny-models DIR``. ComfyUI
+goes on sys.path (CPU mode) when pytest imports this file; the test modules are reported skipped with the reason
+when ComfyUI, chromium or the playwright package is missing; nothing here imports playwright at collection time.
 """
 from __future__ import annotations
 
@@ -12,8 +12,28 @@ import os
 from pathlib import Path
 
 import pytest
-from browser_support import SERVER_ARGS, Frontend, install_models, launch_chromium, prepare_server, VIEWPORT
+from browser_support import (
+    SERVER_ARGS,
+    VIEWPORT,
+    Frontend,
+    input_files,
+    install_example_inputs,
+    install_models,
+    launch_chromium,
+    returning_user,
+)
+from comfyenv import bootstrap, mark_tier, skipped_module
 from e2e_support import TINY_CKPT, comfyui_path, humanref_cli, running_server
+
+bootstrap()
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    return skipped_module(module_path, parent)
+
+
+def pytest_collection_modifyitems(items):
+    mark_tier(items, Path(__file__).parent, "comfy", "e2e", "browser")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -42,16 +62,44 @@ def browser_server(browser_models):
         yield server
 
 
+def load_image_options(client) -> list[str]:
+    """The files LoadImage offers (its combo's values, from the server's /object_info)."""
+    return list(client.object_info("LoadImage")["LoadImage"]["input"]["required"]["image"][0])
+
+
 @pytest.fixture(scope="module")
-def browser_client(browser_server):
+def example_inputs(browser_server) -> dict:
+    """The server's input folder and LoadImage's list before and after the README's install step, run as written
+    against that folder (a fresh ComfyUI's input folder is empty; nothing else puts files there)."""
     from humanref.cli.client import ComfyClient
 
     client = ComfyClient(browser_server.url, timeout=30)
-    prepare_server(client)
+    before = {"files": input_files(browser_server.input_dir), "load_image": load_image_options(client)}
+    files = install_example_inputs(browser_server.input_dir)
+    return {"before": before, "after": {"files": files, "load_image": load_image_options(client)}}
+
+
+@pytest.fixture(scope="module")
+def browser_client(browser_server, example_inputs):
+    from humanref.cli.client import ComfyClient
+
+    client = ComfyClient(browser_server.url, timeout=30)
+    returning_user(client)
     return client
 
 
-@pytest.fixture(scope="module")  # Playwright's event loop must not outlive the browser tier (asyncio.run in later tiers)
+@pytest.fixture(scope="module")
+def bare_server(tmp_path_factory):
+    """A second server whose models folder is empty (a user who has not downloaded anything yet)."""
+    with running_server(str(tmp_path_factory.mktemp("no-models")), SERVER_ARGS) as server:
+        from humanref.cli.client import ComfyClient
+
+        returning_user(ComfyClient(server.url, timeout=30))
+        yield server
+
+
+# module scope: Playwright's event loop must not outlive the browser tier (asyncio.run in later tiers)
+@pytest.fixture(scope="module")
 def chromium():
     from playwright.sync_api import sync_playwright
 
@@ -70,11 +118,21 @@ def chromium():
 def frontend(request, chromium, browser_server, browser_client, tmp_path):
     """A fresh browser context and page on the server (not yet opened: call .open()). On failure the page is
     saved to tmp_path/failure.png and the server log's tail is printed."""
+    yield from page_on(request, chromium, browser_server, tmp_path)
+
+
+@pytest.fixture
+def bare_frontend(request, chromium, bare_server, tmp_path):
+    """As `frontend`, on the server without models."""
+    yield from page_on(request, chromium, bare_server, tmp_path)
+
+
+def page_on(request, chromium, server, tmp_path):
     context = chromium.new_context(viewport=VIEWPORT)
     page = context.new_page()
     page.set_default_timeout(30_000)
     try:
-        yield Frontend(page, browser_server.url)
+        yield Frontend(page, server.url)
     finally:
         report = getattr(request.node, "report_call", None)
         if report is not None and report.failed:
@@ -83,5 +141,5 @@ def frontend(request, chromium, browser_server, browser_client, tmp_path):
                 print(f"page at failure: {tmp_path / 'failure.png'}")
             except Exception as exc:  # noqa: BLE001 - a broken page must not hide the test's own failure
                 print(f"no screenshot of the page: {exc}")
-            print("server log tail:\n" + browser_server.log_tail(30))
+            print("server log tail:\n" + server.log_tail(30))
         context.close()

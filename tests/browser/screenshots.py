@@ -1,5 +1,6 @@
-"""Regenerate the workflow pictures from ComfyUI's real frontend: docs/NAME.png (the README's picture) and
-workflows/NAME.jpg (the template browser's thumbnail) for every workflows/NAME.json, or the names given.
+"""Regenerate the README's workflow pictures from ComfyUI's real frontend: docs/METHOD.png for every shipped UI
+workflow (workflows/N-METHOD-....json), or the methods given. The template browser's thumbnails
+(workflows/N-METHOD-....jpg) show what a workflow makes, not its graph: tests/browser/thumbnails.py draws them.
 
     python tests/browser/screenshots.py [NAME ...] [--models DIR]
 
@@ -17,12 +18,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from browser_support import (DOCS, KNOWN_JSON_ISSUES, VIEWPORT, WORKFLOW_NAMES, WORKFLOWS,  # noqa: E402
-                             Frontend, capture_graph, install_models, launch_chromium, make_server,
-                             missing_browser, prepare_server)
-from e2e_support import TINY_CKPT, comfyui_path, humanref_cli  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # browser_support (it adds tests/e2e for e2e_support)
+from browser_support import (
+    DOCS,
+    KNOWN_JSON_ISSUES,
+    UI_WORKFLOWS,
+    VIEWPORT,
+    WORKFLOW_NAMES,
+    Frontend,
+    capture_graph,
+    install_models,
+    launch_chromium,
+    make_server,
+    missing_browser,
+    prepare_server,
+)
+from e2e_support import TINY_CKPT, comfyui_path, humanref_cli
 
 
 def main(argv=None) -> int:
@@ -33,7 +44,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     unknown = sorted(set(args.names) - set(WORKFLOW_NAMES))
     if unknown:
-        parser.error(f"no workflows/{unknown[0]}.json (have: {', '.join(WORKFLOW_NAMES)})")
+        parser.error(f"no workflow {unknown[0]!r} (have: {', '.join(WORKFLOW_NAMES)})")
     why_not = missing_browser()
     if why_not:
         print(f"cannot draw the pictures: {why_not}", file=sys.stderr)
@@ -52,14 +63,14 @@ def main(argv=None) -> int:
             return 1
         install_models(tiny, Path(tmp) / "models")
         with make_server(Path(tmp) / "models") as server, sync_playwright() as playwright:
-            prepare_server(ComfyClient(server.url, timeout=30))
+            prepare_server(ComfyClient(server.url, timeout=30), server.input_dir)
             browser = launch_chromium(playwright)
             failed = 0
             for name in names:
                 context = browser.new_context(viewport=VIEWPORT)
                 frontend = Frontend(context.new_page(), server.url).open()
                 mark = frontend.mark()
-                frontend.open_file(WORKFLOWS / f"{name}.json")
+                frontend.open_file(UI_WORKFLOWS[name])
                 problems = [p for p in frontend.problems(since=mark)
                             if p not in KNOWN_JSON_ISSUES.get(name, ([], ""))[0]]
                 if problems:
@@ -67,9 +78,9 @@ def main(argv=None) -> int:
                     failed += 1
                 else:
                     frontend.dismiss_toasts()
-                    png, jpg = DOCS / f"{name}.png", WORKFLOWS / f"{name}.jpg"
-                    size = capture_graph(frontend, png, jpg)
-                    print(f"{png.relative_to(DOCS.parent)} ({size[0]}x{size[1]}), {jpg.relative_to(DOCS.parent)}")
+                    png = DOCS / f"{name}.png"
+                    size = capture_graph(frontend, png)
+                    print(f"{png.relative_to(DOCS.parent)} ({size[0]}x{size[1]})")
                 context.close()
             browser.close()
     return 1 if failed else 0

@@ -1,25 +1,40 @@
-"""Every shipped workflow in ComfyUI's real frontend (headless chromium): opened from the template browser and
-from File > Open, with no missing node types, no widget or link errors, no dialogs or toasts and no console
-errors; then, with a CPU user's edits (small size, few steps), queued with the page's Run button until the
-image is in /history."""
-from comfyenv import require_comfy
+"""Every shipped workflow in ComfyUI's real frontend (headless chromium), as a newcomer meets it: the example
+inputs put into an empty input folder by the README's install step; the template browser's cards (title,
+description, order, thumbnail); each workflow opened from the template browser and from File > Open, with no
+missing node types, no widget or link errors, no dialogs or toasts and no console errors, readable at its first
+view (zoom, titles, About note); the missing-models dialog on a server without models; then, with a CPU user's
+edits (small size, few steps), queued with the page's Run button until the image is in /history."""
+import io
+import json
+import re
+import urllib.parse
 
-require_comfy()
-
-import io  # noqa: E402
-import json  # noqa: E402
-
-import pytest  # noqa: E402
-from browser_support import (FRESH_PROFILE_404S, KNOWN_JSON_ISSUES, SMALL_RUN, WORKFLOW_NAMES,  # noqa: E402
-                             WORKFLOWS, expected_sizes, load_workflow, missing_browser, wait_for_history)
+import pytest
+from browser_support import (
+    FRESH_PROFILE_404S,
+    KNOWN_JSON_ISSUES,
+    MODEL_HOSTS,
+    RELEASE_FOLDER_LOADERS,
+    SMALL_RUN,
+    UI_NAMES,
+    UI_WORKFLOWS,
+    WORKFLOW_NAMES,
+    active,
+    expected_sizes,
+    load_workflow,
+    loader_models,
+    missing_browser,
+    needed_models,
+    readme_input_commands,
+    wait_for_history,
+    workflow_images,
+)
+from e2e_support import WORKFLOWS
+from PIL import Image
 
 _why_not = missing_browser()
 if _why_not:
     pytest.skip(f"browser tier: {_why_not}", allow_module_level=True)
-
-from PIL import Image  # noqa: E402
-
-pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 MODULE = "humanref"  # the template browser's section: the pack's folder name under custom_nodes
 
@@ -72,8 +87,20 @@ def test_fresh_page_has_only_the_documented_console_errors(frontend):
     assert all("/" + p in FRESH_PROFILE_404S for p in probes), probes
 
 
+CARDS_JS = """(cards) => cards.map((c) => {
+  const title = c.querySelector('h3'), description = c.querySelector('p');
+  return {name: c.dataset.testid.replace('template-workflow-', ''), title: title.innerText,
+          title_cut: title.scrollHeight > title.clientHeight + 1 || title.scrollWidth > title.clientWidth + 1,
+          description: description.innerText,
+          description_cut: description.scrollHeight > description.clientHeight + 1};
+})"""
+
+
 def test_template_browser_shows_every_workflow_with_its_thumbnail(frontend):
-    """Browse Templates > humanref lists exactly workflows/*.json, each card with our JPEG thumbnail."""
+    """Browse Templates > humanref lists exactly workflows/*.json, each card with our JPEG thumbnail (square, as
+    the card shows it), its whole title and a description of at least three words; sorted alphabetically (the
+    only order the frontend lets a pack set: by file name) the main workflow comes first, then the others in
+    their numbered order."""
     page = frontend.open().page
     mark = frontend.mark()
     frontend.menu("Browse Templates")
@@ -81,10 +108,19 @@ def test_template_browser_shows_every_workflow_with_its_thumbnail(frontend):
     cards = page.locator("[data-testid^=template-workflow-]")
     cards.first.wait_for()
     frontend.settle(1.0)
-    names = sorted(t.removeprefix("template-workflow-") for t in
-                   cards.evaluate_all("(cards) => cards.map((c) => c.dataset.testid)"))
-    assert names == list(WORKFLOW_NAMES)
-    for name in WORKFLOW_NAMES:
+    shown = cards.evaluate_all(CARDS_JS)
+    assert sorted(c["name"] for c in shown) == sorted(UI_NAMES.values())
+    for card in shown:
+        assert card["title"] == card["name"] and not card["title_cut"], card
+        assert len(card["description"].split()) >= 3 and not card["description_cut"], card
+
+    page.get_by_role("dialog").get_by_text("Newest", exact=True).click()  # the sort menu, at its default
+    page.get_by_text("A → Z", exact=True).click()  # the frontend's "alphabetical" sort, as its menu names it
+    frontend.settle(0.5)
+    order = [c["name"] for c in cards.evaluate_all(CARDS_JS)]
+    assert order == list(UI_NAMES.values()) and order[0] == UI_NAMES["references"]
+
+    for name in UI_NAMES.values():
         card = page.get_by_test_id(f"template-workflow-{name}")
         card.scroll_into_view_if_needed()  # thumbnails load lazily, when in view
         thumb = card.locator("img").first
@@ -93,9 +129,77 @@ def test_template_browser_shows_every_workflow_with_its_thumbnail(frontend):
                                timeout=15_000)
         size = thumb.evaluate("(img) => [img.naturalWidth, img.naturalHeight]")
         with Image.open(WORKFLOWS / f"{name}.jpg") as jpg:
-            assert tuple(size) == jpg.size, name
+            assert tuple(size) == jpg.size and jpg.width == jpg.height, name
     assert frontend.errors(since=mark) == []
     assert frontend.toasts() == []
+
+
+def test_readme_install_step_puts_the_example_inputs_where_load_image_looks(example_inputs):
+    """The server's input folder starts empty, as on a fresh ComfyUI; the README's cp line, run as written from
+    custom_nodes/, puts every example image there, and LoadImage then offers every image a workflow names."""
+    needed = set().union(*(workflow_images(load_workflow(name)) for name in WORKFLOW_NAMES))
+    assert example_inputs["before"] == {"files": [], "load_image": []}
+    assert example_inputs["after"]["files"] == sorted(p.name for p in (WORKFLOWS / "inputs").glob("*.png"))
+    assert needed <= set(example_inputs["after"]["load_image"]), needed - set(example_inputs["after"]["load_image"])
+
+
+def test_readme_gives_the_same_step_for_windows():
+    """The Windows form of the install step copies the same files to the same place."""
+    commands = readme_input_commands()
+    assert commands["windows"] == "copy " + commands["posix"].removeprefix("cp ").replace("/", "\\")
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_model_names_are_real_downloads(name):
+    """No placeholder model names: every model a running loader names has a download entry (properties.models:
+    the file name, its ComfyUI folder and a URL ending in that file name), except a release folder, which the
+    About note places; an optional loader ships off (muted or bypassed) with no file chosen."""
+    for folder, value, node in loader_models(load_workflow(name), only_active=False):
+        where = f"node {node['id']} ({node['type']}) = {value!r}"
+        if not active(node):
+            assert value == "", where
+            continue
+        if node["type"] in RELEASE_FOLDER_LOADERS:
+            continue
+        entries = [m for m in node.get("properties", {}).get("models", []) if m.get("name") == value]
+        assert len(entries) == 1, f"{where}: no properties.models entry"
+        url = entries[0]["url"]
+        assert entries[0]["directory"] == folder and url.startswith(MODEL_HOSTS), (where, entries[0])
+        assert urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1] == value, (where, url)
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_missing_models_dialog_lists_what_the_workflow_needs(name, bare_frontend):
+    """On a ComfyUI without models, loading the workflow (File > Open and the template browser both go through the
+    frontend's loadGraphData) shows the missing-models dialog with exactly the files its running loaders load."""
+    expected = sorted(needed_models(load_workflow(name)))
+    assert expected
+    bare_frontend.open()
+    bare_frontend.open_file(UI_WORKFLOWS[name])
+    assert bare_frontend.missing_models() == expected
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_workflow_opens_readable(name, frontend):
+    """Opened from the template browser on a 1600x1000 page, the saved view is at or above the frontend's
+    low-detail zoom (below it every node is a blank box), no node covers a group's title bar, no group title runs
+    past its group, no node title is cut, and an About note, whole in the first view and with its text fitting,
+    says what the workflow makes, what to change first, and every model file it loads with its folder."""
+    shipped = load_workflow(name)
+    frontend.open()
+    frontend.open_template(MODULE, name)
+    layout = frontend.layout()
+    assert layout["scale"] >= layout["threshold"] and not layout["low_quality"], layout
+    assert layout["covered_group_titles"] == []
+    assert layout["wide_group_titles"] == []
+    assert layout["cut_node_titles"] == []
+    assert len(layout["about"]) == 1, layout["about"]
+    about = layout["about"][0]
+    assert about["in_first_view"] and about["text_fits"], about
+    for phrase in ("Makes", "Change first", "Models"):
+        assert phrase in about["text"], phrase
+    for folder, value, _ in loader_models(shipped):
+        assert re.search(rf"models/{folder}/{re.escape(value)}\b", about["text"]), (folder, value)
 
 
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
@@ -113,7 +217,7 @@ def test_workflow_opens_cleanly_and_runs_from_the_page(name, frontend, browser_c
     frontend.dismiss_toasts()
 
     mark = frontend.mark()
-    frontend.open_file(WORKFLOWS / f"{name}.json")
+    frontend.open_file(UI_WORKFLOWS[name])
     problems["File > Open"] = frontend.problems(since=mark)
     graphs["File > Open"] = frontend.serialize()
     frontend.dismiss_toasts()

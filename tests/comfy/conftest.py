@@ -1,16 +1,28 @@
-"""Fixtures of the in-process ComfyUI tier: tiny SD15 models built from comfy.supported_models, real CLIP/VAE."""
+"""The in-process ComfyUI tier: ComfyUI goes on sys.path (CPU mode) when pytest imports this file, so the test
+modules import comfy and the pack at their top; without ComfyUI each module is reported skipped with the reason.
+Fixtures: tiny SD15 and SDXL models built from comfy.supported_models, real CLIP/VAE."""
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from comfyenv import comfy_available, require_comfy
+import pytest
+from comfyenv import COMFYUI_PATH, bootstrap, mark_tier, skipped_module
+
+bootstrap()
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    return skipped_module(module_path, parent)
+
+
+def pytest_collection_modifyitems(items):
+    mark_tier(items, Path(__file__).parent, "comfy")
 
 
 @pytest.fixture(scope="session")
-def comfy_env():
-    if not comfy_available():
-        pytest.skip("ComfyUI not available")
-    return require_comfy()
+def comfy_env() -> str:
+    """The ComfyUI folder (on sys.path since this conftest was imported); a dependency that says "needs comfy"."""
+    return COMFYUI_PATH
 
 
 @pytest.fixture(scope="session")
@@ -21,11 +33,28 @@ def clip_vae(comfy_env):
 
 
 @pytest.fixture(scope="session")
-def tiny_model(comfy_env):
-    """A small SD15 ModelPatcher (7 transformer blocks at widths 32/64) with random weights."""
-    from humanref.pipelines.synthetic.base import build_model, sd15_unet_config
+def tiny_sd15_config() -> dict:
+    """The tier's tiny SD15 UNet config (7 transformer blocks at widths 32/64); variants copy it:
+    ``dict(tiny_sd15_config, in_channels=9)``."""
+    from humanref.pipelines.synthetic.base import sd15_unet_config
 
-    return build_model(sd15_unet_config(model_channels=32, channel_mult=(1, 2)), seed=1)
+    return sd15_unet_config(model_channels=32, channel_mult=(1, 2))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_sd15_config):
+    """A small SD15 ModelPatcher of the tiny config with random weights."""
+    from humanref.pipelines.synthetic.base import build_model
+
+    return build_model(tiny_sd15_config, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(comfy_env):
+    """A small SDXL ModelPatcher (random weights): the other model family."""
+    from humanref.pipelines.synthetic.base import build_model, sdxl_unet_config
+
+    return build_model(sdxl_unet_config(), seed=2, arch="sdxl")
 
 
 @pytest.fixture(scope="session")
@@ -37,20 +66,20 @@ def conds(clip_vae):
 
 
 @pytest.fixture(scope="session")
-def controlnet(comfy_env):
+def controlnet(tiny_sd15_config):
     """A ControlNet of the tiny UNet's layout (lllyasviel key layout, random weights) as comfy's ControlNet.
 
     ComfyUI detects a ControlNet's config only for real channel counts, so the 32-channel one is built
     directly from the tiny config; like an SD1.5 ControlNet, its hint is a pixel image.
     """
-    import torch
-
     import comfy.cldm.cldm
     import comfy.controlnet
     import comfy.ops
-    from humanref.pipelines.synthetic.base import controlnet_state_dict, sd15_unet_config
+    import torch
 
-    cfg = sd15_unet_config(model_channels=32, channel_mult=(1, 2))
+    from humanref.pipelines.synthetic.base import controlnet_state_dict
+
+    cfg = tiny_sd15_config
     sd = controlnet_state_dict(cfg, seed=5, dtype=torch.float32)
     cfg = {k: v for k, v in cfg.items()
            if k not in ("transformer_depth_output", "use_temporal_attention", "use_temporal_resblock", "out_channels")}

@@ -1,7 +1,24 @@
-"""Small shared helpers of the comfy tier (sampling entry points, references)."""
+"""Shared helpers of the comfy tier: sampling entry points, references and a reference bank, a tiny SD1.5 base
+and checkpoint file for the trainers."""
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import torch
+
+from humanref.pipelines.references.inputs import prepare_references
+from humanref.pipelines.references.patch import build_reference_bank
+from humanref.training.base import base_from_state_dict
+from humanref.training.base import load_base as _REAL_LOAD_BASE  # before any monkeypatch
+from humanref.training.loop import autocast_for
+
+LATENT = torch.zeros(1, 4, 6, 10)  # the reference-patch tests' latent: a 6x10 grid
+NOGRAD = autocast_for(torch.device("cpu"), None)
+_CACHE: dict = {}
+atexit.register(_CACHE.clear)  # ComfyUI objects go while ComfyUI's modules are still there
 
 
 def ksample(model, conds, latent: torch.Tensor, cfg: float = 5.0, steps: int = 3, seed: int = 7,
@@ -55,3 +72,57 @@ def diffusers_sdpa(attn, q, k, v):
     q, k, v = (t.view(b, -1, h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v))
     o = F.scaled_dot_product_attention(q, k, v)
     return o.transpose(1, 2).reshape(b, -1, h * o.shape[-1])
+
+
+def make_bank(model, clip_vae, timing="once at t=0", count=2, masked=True, seed=0, size=(64, 48)):
+    clip, vae = clip_vae
+    images = reference_images(count, size, seed)
+    inputs = []
+    for i, img in enumerate(images):
+        mask = box_mask(size, 8, 4, 40 + 4 * i, 30) if masked and i % 2 == 0 else None
+        inputs.append((i + 1, img, mask, ["face", "upper body clothes", "shoes", "hair or headwear"][i % 4]))
+    refs = prepare_references(inputs, 768, 6)
+    return build_reference_bank(model, vae, clip, refs, timing, "parts2whole")
+
+
+def tiny_unet_ldm() -> dict:
+    if "unet" not in _CACHE:
+        from humanref.pipelines.synthetic.base import random_like, tiny_sd15_unet_config, unet_shapes
+
+        _CACHE["unet"] = random_like(unet_shapes(tiny_sd15_unet_config()), 0, torch.float32)
+    return _CACHE["unet"]
+
+
+def tiny_base(clip_vae):
+    """A fresh BaseModel (the checkpoint reading path minus the file): tiny UNet, the session's CLIP/VAE."""
+    clip, vae = clip_vae
+    sd = {f"model.diffusion_model.{k}": v for k, v in tiny_unet_ldm().items()}
+    return base_from_state_dict(sd, "tiny-sd15.safetensors", clip=clip, vae=vae)
+
+
+def tiny_checkpoint(clip_vae) -> str:
+    """An SD1.5 single-file checkpoint in the tiny-models layout (tiny UNet, full CLIP and VAE), fp16, once."""
+    if "checkpoint" not in _CACHE:
+        import comfy.supported_models
+        from safetensors.torch import save_file
+
+        from humanref.pipelines.synthetic.base import tiny_sd15_unet_config
+
+        clip, vae = clip_vae
+        config = comfy.supported_models.SD15(tiny_sd15_unet_config())
+        sd = {f"model.diffusion_model.{k}": v for k, v in tiny_unet_ldm().items()}
+        sd.update(config.process_clip_state_dict_for_saving(clip.get_sd()))
+        sd.update(config.process_vae_state_dict_for_saving(vae.get_sd()))
+        folder = tempfile.mkdtemp(prefix="humanref-train-test-")
+        atexit.register(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "humanref-tiny-sd15.safetensors")
+        save_file({k: v.half().contiguous() for k, v in sd.items()}, path)
+        _CACHE["checkpoint"] = path
+    return _CACHE["checkpoint"]
+
+
+def cached_load_base(path: str):
+    """training.base.load_base, reading each checkpoint file once per session (the CLI tests share it)."""
+    if ("base", path) not in _CACHE:
+        _CACHE[("base", path)] = _REAL_LOAD_BASE(path)
+    return _CACHE[("base", path)]

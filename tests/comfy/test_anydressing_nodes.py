@@ -1,20 +1,15 @@
-"""nodes/garments.py and the dual mode of MaskedSharedAttentionPatch: schemas, a weights file from the model
+"""nodes/anydressing.py and the dual mode of MaskedSharedAttentionPatch: schemas, a weights file from the model
 folder, garment regions, and the errors a user sees."""
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import ksample
 
-from comfyenv import require_comfy
-
-require_comfy()
-
-from helpers import ksample  # noqa: E402
-from humanref.nodes import NODES  # noqa: E402
-from humanref.nodes.anydressing import NO_WEIGHTS, GarmentLoRAExtractor  # noqa: E402
-from humanref.nodes.shared_attention import MaskedSharedAttentionPatch  # noqa: E402
-from humanref.pipelines.anydressing.weights import (  # noqa: E402
-    block_widths_from_unet, random_garment_weights, save_garment_weights)
+from humanref.nodes.anydressing import NO_WEIGHTS, GarmentLoRAExtractor
+from humanref.nodes.extension import NODES
+from humanref.nodes.references import MaskedSharedAttentionPatch
+from humanref.pipelines.anydressing.weights import block_widths_from_unet, random_garment_weights, save_garment_weights
 
 LATENT = torch.zeros(1, 4, 8, 6)
 DUAL = dict(mode="dual", strength=0.7, start_percent=0.0, end_percent=1.0, blocks="all", custom_blocks="",

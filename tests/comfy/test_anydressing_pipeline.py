@@ -1,4 +1,4 @@
-"""pipelines/garments.py (GarmentsNet) and the dual patch (Dressing-Attention) on tiny SD15 models.
+"""pipelines/anydressing/pipeline.py (GarmentsNet) and the dual patch (Dressing-Attention) on tiny SD15 models.
 
 The independent reference for the writer is a second copy of the same UNet whose attn1 weights really are
 W + scale * up @ down for one slot and whose cross-attention output projection is zero (cross-attention
@@ -8,22 +8,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import ksample
+from naive import naive_attention_probs
 
-from comfyenv import require_comfy
-
-require_comfy()
-
-from helpers import ksample  # noqa: E402
-from humanref.attention import reader as reader_mod  # noqa: E402
-from humanref.attention.blocks import walk_transformer_blocks  # noqa: E402
-from humanref.attention.kernels import LinearWeights, dual_attention_weights  # noqa: E402
-from humanref.pipelines.references import patch as reference_mod  # noqa: E402
-from humanref.pipelines.anydressing.weights import (  # noqa: E402
-    block_widths_from_unet, garment_weights_metadata, garment_weights_state_dict, parse_garment_weights,
-    random_garment_weights)
-from humanref.pipelines.anydressing.pipeline import build_garment_bank, prepare_garments  # noqa: E402
-from humanref.pipelines.references.patch import apply_reference_patch  # noqa: E402
-from humanref.pipelines.references.writer import encode_images  # noqa: E402
+from humanref.attention import reader as reader_mod
+from humanref.attention.blocks import walk_transformer_blocks
+from humanref.attention.kernels import LinearWeights
+from humanref.pipelines.anydressing.pipeline import build_garment_bank, prepare_garments
+from humanref.pipelines.anydressing.weights import (
+    block_widths_from_unet,
+    garment_weights_metadata,
+    garment_weights_state_dict,
+    parse_garment_weights,
+    random_garment_weights,
+)
+from humanref.pipelines.references import patch as reference_mod
+from humanref.pipelines.references.patch import apply_reference_patch
+from humanref.pipelines.references.writer import encode_images
 
 SLOTS = ("upper", "lower", "hat")
 LATENT = torch.zeros(1, 4, 8, 6)
@@ -60,12 +61,12 @@ def weights(tiny_model):
     return make_weights(tiny_model)
 
 
-def reference_features(seed_model, clip_vae, image, slot_lora, scale):
+def reference_features(unet_config, clip_vae, image, slot_lora, scale):
     """norm1 outputs of every transformer block for one garment on a merged-weights, no-cross-attention copy."""
-    from humanref.pipelines.synthetic.base import build_model, sd15_unet_config
+    from humanref.pipelines.synthetic.base import build_model
 
     _, vae = clip_vae
-    ref = build_model(sd15_unet_config(model_channels=32, channel_mult=(1, 2)), seed=1)
+    ref = build_model(unet_config, seed=1)
     unet = ref.model.diffusion_model
     blocks = walk_transformer_blocks(unet)
     captured, hooks = {}, []
@@ -89,7 +90,8 @@ def reference_features(seed_model, clip_vae, image, slot_lora, scale):
 
 
 @pytest.mark.parametrize("with_weights", [False, True], ids=["training-free", "weights"])
-def test_features_equal_one_garment_alone_on_merged_weights(tiny_model, clip_vae, weights, with_weights):
+def test_features_equal_one_garment_alone_on_merged_weights(tiny_model, tiny_sd15_config, clip_vae, weights,
+                                                           with_weights):
     """Per-slot LoRA on its own batch row only, cross-attention removed, t = 0, garments isolated."""
     _, vae = clip_vae
     images = garment_images(3)
@@ -99,7 +101,7 @@ def test_features_equal_one_garment_alone_on_merged_weights(tiny_model, clip_vae
     assert bank.timing == "once at t=0" and bank.family == "SD15"
     assert (bank.projections is not None) == with_weights
     for i, slot in enumerate(SLOTS):
-        expected = reference_features(tiny_model, clip_vae, images[i],
+        expected = reference_features(tiny_sd15_config, clip_vae, images[i],
                                       weights.lora[slot] if with_weights else None, weights.scale)
         assert set(expected) == set(bank.features)
         for key, tokens in expected.items():
@@ -202,8 +204,9 @@ def test_region_masks_confine_each_garments_attention(tiny_model, conds, dressin
         n = q.shape[1]
         h, w = {48: (8, 6), 12: (4, 3)}[n]  # the 8x6 latent's two grids
         assert allowed is not None and allowed.shape == (n, 2)
-        probs = dual_attention_weights(q, heads, refs, allowed)  # [B, heads, N, M]
         owners = torch.repeat_interleave(torch.arange(2), torch.tensor(refs.segments))
+        keys = refs.k.expand(q.shape[0], -1, -1)
+        probs = naive_attention_probs(q, keys, heads, refs.bias, allowed[:, owners].cpu())  # [B, heads, N, M]
         mass = torch.stack([probs[..., owners == g].sum(-1) for g in range(2)], dim=-1)  # [B, heads, N, 2]
         rows = torch.arange(n) // w
         top, bottom = rows < h // 2, rows >= h // 2
@@ -211,7 +214,7 @@ def test_region_masks_confine_each_garments_attention(tiny_model, conds, dressin
         assert torch.equal(mass[:, :, bottom, 0], torch.zeros_like(mass[:, :, bottom, 0]))
         torch.testing.assert_close(mass[:, :, top, 0], torch.ones_like(mass[:, :, top, 0]))
         # without regions the same queries do spread mass over both garments
-        free = dual_attention_weights(q, heads, refs)
+        free = naive_attention_probs(q, keys, heads, refs.bias)
         assert float(free[..., owners == 1].sum(-1)[:, :, top].min()) > 0
 
 
@@ -235,14 +238,12 @@ def test_writer_model_is_not_modified(tiny_model, clip_vae, weights):
     assert all(torch.equal(v, tiny_model.model.state_dict()[k]) for k, v in before.items())
 
 
-def test_weights_for_other_architecture_or_slot_fail_clearly(tiny_model, clip_vae, weights):
-    from humanref.pipelines.synthetic.base import build_model, sdxl_unet_config
-
+def test_weights_for_other_architecture_or_slot_fail_clearly(tiny_model, tiny_sdxl_model, clip_vae, weights):
     _, vae = clip_vae
     with pytest.raises(ValueError, match=r"slot_1 is slot 'shoes', which garment_weights test.safetensors has no "
                                          r"LoRA for \(its slots: upper, lower, hat\)"):
         build_garment_bank(tiny_model, vae, garments(garment_images(1), ["shoes"]), weights)
-    sdxl = build_model(sdxl_unet_config(), seed=2, arch="sdxl")
+    sdxl = tiny_sdxl_model
     with pytest.raises(ValueError, match="garment_weights test.safetensors is for base model SD15, but writer is SDXL"):
         build_garment_bank(sdxl, vae, garments(garment_images(1), ["upper"]), weights)
     sd15_meta_on_sdxl = make_weights(sdxl)  # metadata says SD15, blocks are SDXL's
@@ -270,11 +271,9 @@ def test_bad_garment_inputs_name_the_input(inputs, message):
         prepare_garments(inputs, 768)
 
 
-def test_training_free_on_an_sdxl_writer_and_reader(comfy_env, clip_vae):
+def test_training_free_on_an_sdxl_writer_and_reader(tiny_sdxl_model, clip_vae):
     """No cross-attention and no text: the SDXL writer gets a zero ADM vector; the dual patch then runs."""
-    from humanref.pipelines.synthetic.base import build_model, sdxl_unet_config
-
-    sdxl = build_model(sdxl_unet_config(), seed=2, arch="sdxl")
+    sdxl = tiny_sdxl_model
     bank = build_garment_bank(sdxl, clip_vae[1], garments(garment_images(2, seed=6), ["upper", "lower"]))
     assert bank.family == "SDXL" and len(bank.features) == len(walk_transformer_blocks(sdxl.model.diffusion_model))
     g = torch.Generator().manual_seed(0)
@@ -285,10 +284,10 @@ def test_training_free_on_an_sdxl_writer_and_reader(comfy_env, clip_vae):
     assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-3
 
 
-def test_writer_with_extra_input_channels_is_named(clip_vae):
+def test_writer_with_extra_input_channels_is_named(tiny_sd15_config, clip_vae):
     """Found by the bad-input sweep: a 13-channel (MimicBrush) UNet as GarmentsNet failed inside its conv_in."""
-    from humanref.pipelines.synthetic.base import build_model, sd15_unet_config
+    from humanref.pipelines.synthetic.base import build_model
 
-    writer = build_model(sd15_unet_config(model_channels=32, channel_mult=(1, 2), in_channels=13), seed=1)
+    writer = build_model(dict(tiny_sd15_config, in_channels=13), seed=1)
     with pytest.raises(ValueError, match="writer has a 13-channel input but the reference latents have 4 channels"):
         build_garment_bank(writer, clip_vae[1], garments(garment_images(2), SLOTS[:2]))

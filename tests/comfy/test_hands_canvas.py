@@ -7,13 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfyenv import require_comfy
-
-require_comfy()
-
-from humanref.pipelines.hands.canvas import assemble_canvas  # noqa: E402
-from humanref.pipelines.hands.generator import plan  # noqa: E402
-from humanref.pipelines.hands.keypoints import parse_pose, select_person  # noqa: E402
+from humanref.pipelines.hands.canvas import assemble_canvas
+from humanref.pipelines.hands.generator import plan
+from humanref.pipelines.hands.keypoints import parse_pose, select_person
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_POSE = json.loads((REPO / "workflows" / "api" / "hands.json").read_text())["5"]["inputs"]["pose_json"]

@@ -5,14 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfyenv import require_comfy
-
-require_comfy()
-
-from humanref.pipelines.hands.condition import downscale_condition, hand_condition, keypoint_mask  # noqa: E402
-from humanref.pipelines.hands.generator import (SamplingOptions, generate_trained, generate_training_free,  # noqa: E402
-                                               plan)
-from humanref.pipelines.hands.keypoints import parse_pose, select_person  # noqa: E402
+from humanref.pipelines.hands.condition import downscale_condition, hand_condition, keypoint_mask
+from humanref.pipelines.hands.generator import SamplingOptions, generate_trained, generate_training_free, plan
+from humanref.pipelines.hands.keypoints import parse_pose, select_person
 
 SIZE = 64  # crop side in tests: an 8x8 latent
 
@@ -106,7 +101,8 @@ def test_layout_errors(tmp_path, comfy_env):
     with pytest.raises(ValueError, match="metadata format"):
         split_checkpoint({}, {"format": "other"}, "x.safetensors")
     with pytest.raises(ValueError, match="expected 15"):
-        split_checkpoint({"unet.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3), "mask_head.0.weight": torch.zeros(1)},
+        split_checkpoint({"unet.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+                          "mask_head.0.weight": torch.zeros(1)},
                          {}, "x")
     with pytest.raises(ValueError, match="diffusers key names"):
         split_checkpoint({"unet.conv_in.weight": torch.zeros(320, 15, 3, 3)}, {}, "x")
@@ -121,14 +117,20 @@ def test_layout_errors(tmp_path, comfy_env):
         load_hand_generator(str(bad))
 
 
-def test_converter_from_diffusers_round_trips(comfy_env, tmp_path):
+def test_converter_from_diffusers_round_trips(tiny_sd15_config, tmp_path):
     import comfy.utils
 
-    from humanref.pipelines.hands.weights import (MaskHead, convert_diffusers, head_state_dict,
-                                                 mask_head_from_state_dict, split_checkpoint)
-    from humanref.pipelines.synthetic.base import random_like, sd15_unet_config, unet_shapes
+    from humanref.pipelines.hands.weights import (
+        MaskHead,
+        convert_diffusers,
+        head_state_dict,
+        mask_head_from_state_dict,
+        split_checkpoint,
+    )
+    from humanref.pipelines.loading.comfy_unet import unet_shapes
+    from humanref.pipelines.synthetic.base import random_like
 
-    cfg = sd15_unet_config(model_channels=32, channel_mult=(1, 2), in_channels=15)
+    cfg = dict(tiny_sd15_config, in_channels=15)
     ldm = random_like(unet_shapes(cfg), 3)
     to_ldm = comfy.utils.unet_to_diffusers(cfg)
     diffusers_sd = {d: ldm[k] for d, k in to_ldm.items() if k in ldm}  # a diffusers-format fine-tune
@@ -146,9 +148,9 @@ def test_converter_from_diffusers_round_trips(comfy_env, tmp_path):
         convert_diffusers(bad, head_sd)
 
     # the same conversion from files, through `python -m humanref convert-hand-generator`
+    from comfyenv import COMFYUI_PATH
     from safetensors.torch import load_file, save_file
 
-    from comfyenv import COMFYUI_PATH
     from humanref.cli import main as cli_main
 
     save_file({k: v.contiguous() for k, v in diffusers_sd.items()}, tmp_path / "unet.safetensors")

@@ -7,12 +7,8 @@ import logging
 import pytest
 import torch
 
-from comfyenv import require_comfy
-
-require_comfy()
-
-from humanref.pipelines.hands.mask_expand import step_index  # noqa: E402
-from humanref.pipelines.hands.outpaint import OutpaintOptions, latent_mask, outpaint  # noqa: E402
+from humanref.pipelines.hands.mask_expand import step_index
+from humanref.pipelines.hands.outpaint import OutpaintOptions, latent_mask, outpaint
 
 SIZE = (64, 80)  # latent 8 x 10
 
@@ -96,11 +92,11 @@ def test_second_order_calls_at_intermediate_sigmas_follow_sigma(tiny_model, clip
         assert float(sigmas[step]) >= s * (1 - 1e-5) and s > float(sigmas[step + 1])
 
 
-def test_inpainting_model_mask_channel_gets_the_exact_hand_mask(clip_vae, conds):
-    from humanref.pipelines.synthetic.base import build_model, sd15_unet_config
+def test_inpainting_model_mask_channel_gets_the_exact_hand_mask(tiny_sd15_config, clip_vae, conds):
+    from humanref.pipelines.synthetic.base import build_model
 
     _, vae = clip_vae
-    model = build_model(sd15_unet_config(model_channels=32, channel_mult=(1, 2), in_channels=9), seed=4)
+    model = build_model(dict(tiny_sd15_config, in_channels=9), seed=4)
     canvas, mask = canvas_and_mask()
     calls: list = []
     outpaint(recording(model, calls), conds[0], conds[1], vae, canvas, mask,

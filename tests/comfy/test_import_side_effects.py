@@ -2,11 +2,8 @@
 writes no file; ComfyUI's own modules are imported first, as the server has them before custom nodes."""
 from __future__ import annotations
 
-from comfyenv import COMFYUI_PATH, require_comfy
-
-require_comfy()
-
-from importprobe import probe_import  # noqa: E402
+from comfyenv import COMFYUI_PATH
+from importprobe import probe_import
 
 SETUP = (f"sys.path.insert(0, {COMFYUI_PATH!r}); from comfy.cli_args import args; args.cpu = True")
 COMFY_FIRST = ["folder_paths", "comfy.model_management", "comfy.sd", "comfy.samplers", "comfy_api.latest", "nodes"]

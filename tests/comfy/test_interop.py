@@ -3,22 +3,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import LATENT, ksample, make_bank
 
-from comfyenv import require_comfy
-
-require_comfy()
-
-from helpers import ksample  # noqa: E402
-from test_references_patch import LATENT, make_bank  # noqa: E402
-from humanref.pipelines.references.patch import apply_reference_patch  # noqa: E402
+from humanref.pipelines.references.patch import apply_reference_patch
 
 
 def test_tiny_controlnet_file_loads_through_comfy(comfy_env):
     """The tiny-models ControlNet (control_model.* layout, 320 channels) is detected and loaded by ComfyUI."""
     import comfy.controlnet
-    from humanref.pipelines.synthetic.base import tiny_sd15_unet_config
+
+    from humanref.pipelines.synthetic.base import controlnet_shapes, tiny_sd15_unet_config
     from humanref.pipelines.synthetic.tiny import tiny_controlnet
-    from humanref.pipelines.synthetic.base import controlnet_shapes
 
     sd = tiny_controlnet()
     control = comfy.controlnet.load_controlnet_state_dict(sd)
@@ -48,6 +43,7 @@ def test_reference_patch_with_controlnet(tiny_model, clip_vae, conds, controlnet
 
 def test_reference_patch_with_ip_adapter_style_attn2_replace(tiny_model, clip_vae, conds):
     import comfy.ldm.modules.attention as attention
+
     from humanref.attention.blocks import walk_transformer_blocks
 
     calls = []
@@ -96,6 +92,7 @@ def with_lora(model, lora):
 def ip_adapter_like(model, calls: list, scale: float = 0.5):
     """An IP-Adapter-style attn2 replace on every transformer block (extra image tokens next to the text)."""
     import comfy.ldm.modules.attention as attention
+
     from humanref.attention.blocks import walk_transformer_blocks
 
     extra = torch.randn(1, 4, 768, generator=torch.Generator().manual_seed(3))
@@ -162,18 +159,19 @@ def test_everything_in_one_graph(tiny_model, clip_vae, conds, controlnet, two_ba
         "transformer_options", {}).get("patches_replace", {})
 
 
-def test_lora_reaches_the_reference_projection(tiny_model, clip_vae, conds, two_banks):
+def test_lora_reaches_the_reference_projection(tiny_model, tiny_sd15_config, clip_vae, conds, two_banks):
     """The reader projects the references through the LoRA-patched to_k/to_v at sampling time: a LoRA on attn1
     loaded by ComfyUI gives the same patched result as a model whose weights were merged by hand (W + up @ down);
     stale, unpatched projection weights would not."""
-    from humanref.pipelines.synthetic.base import build_model, sd15_unet_config
+    from humanref.pipelines.synthetic.base import build_model
 
     bank_a, _ = two_banks
     lora = {k: v for k, v in tiny_lora(tiny_model).items() if ".attn1.to_k" in k or ".attn1.to_v" in k}
     via_comfy = ksample(apply_reference_patch(with_lora(tiny_model, lora), bank_a), conds, LATENT)
-    merged = build_model(sd15_unet_config(model_channels=32, channel_mult=(1, 2)), seed=1)  # as tiny_model
+    merged = build_model(tiny_sd15_config, seed=1)  # as tiny_model
     sd = merged.model.state_dict()
-    assert torch.equal(sd["diffusion_model.out.2.weight"], tiny_model.model.state_dict()["diffusion_model.out.2.weight"])
+    own = tiny_model.model.state_dict()["diffusion_model.out.2.weight"]
+    assert torch.equal(sd["diffusion_model.out.2.weight"], own)
     with torch.no_grad():
         for key in {k.rsplit(".lora_", 1)[0] for k in lora}:
             sd[key + ".weight"].add_(lora[key + ".lora_up.weight"] @ lora[key + ".lora_down.weight"])

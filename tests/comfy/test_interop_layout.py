@@ -13,14 +13,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import LATENT, ksample, make_bank
 
-from comfyenv import require_comfy
-
-require_comfy()
-
-from helpers import ksample  # noqa: E402
-from test_references_patch import LATENT, make_bank  # noqa: E402
-from humanref.pipelines.references.patch import apply_reference_patch  # noqa: E402
+from humanref.pipelines.references.patch import apply_reference_patch
 
 LAYOUT_MESSAGE = r"HumanRef: block \S+ got \d+ query tokens for a \d+x\d+ grid\. A patch that changes the token layout"
 

@@ -9,18 +9,13 @@ latent of the black-filled image | depth guider feature] and in its mid/up self-
 0.5 * Attn(cat[x, ref]) (concatenation as query, first N rows kept) + 0.5 * Attn(x), then overwrites the
 uncond half with plain self-attention.
 """
-from comfyenv import require_comfy
+import math
 
-require_comfy()
-
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import diffusers  # noqa: E402  (a dependency of the pack)
-from helpers import diffusers_sdpa  # noqa: E402
+import diffusers  # a dependency of the pack
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import diffusers_sdpa
 
 RES = 64  # working resolution (latent 8x8); image, mask and depth are given at this size (no resampling)
 REF = 224  # the reference at CLIP's input size, so CLIP sees the same pixels on both sides
@@ -81,8 +76,8 @@ def guider_forward(sd, depth):
 
 def official_eps(data, x_t, t, ref_latent, ref_pixels, mask, masked_latent, depth):
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
     from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from humanref.pipelines.synthetic.mimicbrush import TINY_CLIP_VISION
 
@@ -128,9 +123,9 @@ def official_eps(data, x_t, t, ref_latent, ref_pixels, mask, masked_latent, dept
 def test_one_unet_evaluation_matches_official_semantics(checkpoint, clip_vae):
     import nodes
 
+    from humanref.pipelines.images import resize_square
     from humanref.pipelines.mimicbrush.pipeline import setup_mimicbrush
     from humanref.pipelines.mimicbrush.weights import load_mimicbrush
-    from humanref.pipelines.mimicbrush.images import resize_square
 
     path, data = checkpoint
     _, vae = clip_vae

@@ -13,13 +13,10 @@ import pickle
 import pytest
 import torch
 
-from comfyenv import require_comfy
-
-require_comfy()
-
-from humanref.pipelines.mimicbrush import weights as mw  # noqa: E402
-from humanref.pipelines.synthetic import mimicbrush as smb  # noqa: E402
-from humanref.pipelines.synthetic.base import sd15_unet_config, unet_shapes  # noqa: E402
+from humanref.pipelines.loading.comfy_unet import unet_shapes
+from humanref.pipelines.mimicbrush import weights as mw
+from humanref.pipelines.synthetic import mimicbrush as smb
+from humanref.pipelines.synthetic.base import sd15_unet_config
 
 STRIPPED_TENSORS = ("attn1.to_q.weight", "attn1.to_k.weight", "attn1.to_v.weight", "attn1.to_out.0.weight",
                     "attn1.to_out.0.bias", "norm2.weight", "norm2.bias", "attn2.to_q.weight", "attn2.to_k.weight",
@@ -139,11 +136,13 @@ def test_full_size_unet_mapping_on_meta_tensors():
         expected = unet_shapes(dict(full, in_channels=in_ch))
         assert {k: tuple(v.shape) for k, v in ldm.items()} == {k: tuple(v) for k, v in expected.items()}
         assert set(filled) == missing
-        assert config["in_channels"] == in_ch and config["transformer_depth_output"] == [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]
+        assert config["in_channels"] == in_ch
+        assert config["transformer_depth_output"] == [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]
     # 10 mid+up transformer blocks: middle + 9 output blocks with attention
-    from humanref.attention.blocks import select_blocks, walk_transformer_blocks
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    from humanref.attention.blocks import select_blocks, walk_transformer_blocks
     with torch.device("meta"):
         unet = UNetModel(**dict(full, in_channels=13), device="meta", operations=comfy.ops.disable_weight_init)
     assert len(select_blocks(walk_transformer_blocks(unet), "mid+up")) == 10
@@ -152,10 +151,10 @@ def test_full_size_unet_mapping_on_meta_tensors():
 def test_full_size_vit_h_names_match_comfys_vit_h_on_meta():
     """The official image_encoder names (transformers ViT-H/14) are what ComfyUI's ViT-H CLIP vision loads, and
     ComfyUI's shape-based config choice picks ViT-H for them."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
     import comfy.clip_model
     import comfy.clip_vision
     import comfy.ops
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     with torch.device("meta"):
         official = CLIPVisionModelWithProjection(CLIPVisionConfig(**smb.VIT_H))

@@ -1,19 +1,21 @@
 """Parts2Whole nodes and pipeline in-process: loader through models/parts2whole, sampling, preprocessing
 against PIL (the official code's image library), bad input."""
-from comfyenv import require_comfy
+import logging
 
-require_comfy()
+import numpy as np
+import pytest
+import torch
+from helpers import ksample
+from PIL import Image
 
-import logging  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from helpers import ksample  # noqa: E402
-from humanref.pipelines.parts2whole.pipeline import (LABELS, MASK_SOURCES, PartInput, PoseFeaturePatch,  # noqa: E402
-                                            prepare_parts, prepare_pose)
+from humanref.pipelines.parts2whole.pipeline import (
+    LABELS,
+    MASK_SOURCES,
+    PartInput,
+    PoseFeaturePatch,
+    prepare_parts,
+    prepare_pose,
+)
 
 W, H = 48, 64
 
@@ -70,13 +72,13 @@ def _apply(loaded, clip_vae, conds, **kw):
 
 
 def test_schemas(registered):
-    from humanref.nodes.parts2whole import NODES
+    from humanref.nodes.parts2whole import Parts2WholeApply, Parts2WholeLoader
 
-    for node in NODES:
+    for node in (Parts2WholeLoader, Parts2WholeApply):
         node.define_schema().validate()
-    loader = NODES[0].define_schema()
+    loader = Parts2WholeLoader.define_schema()
     assert loader.inputs[0].options == ["tiny"]  # not_a_release has no unet/config.json
-    apply = NODES[1].define_schema()
+    apply = Parts2WholeApply.define_schema()
     labels = [i for i in apply.inputs if i.id.startswith("label_")]
     assert [i.default for i in labels] == list(LABELS) and all(i.options == list(LABELS) for i in labels)
     assert {i.id: i.default for i in apply.inputs if i.id in ("width", "height")} == {"width": 512, "height": 768}

@@ -8,18 +8,13 @@ token count, 3x3 all-ones conv, clamp), reader self-attention over [own, referen
 decoupled cross-attention over six zero-padded CLIP image embeddings (zeros for uncond), pose guider output
 added after conv_in, noise schedule DDIM "linear" betas.
 """
-from comfyenv import require_comfy
+import math
 
-require_comfy()
-
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import diffusers  # noqa: E402  (a dependency of the pack)
-from helpers import diffusers_sdpa  # noqa: E402
+import diffusers  # a dependency of the pack
+import pytest
+import torch
+from helpers import diffusers_sdpa
+from naive import naive_parts2whole, pose_guider_forward
 
 SIZE = 224  # reference images: CLIP's input size, so CLIP sees the same pixels on both sides
 OUT = 64  # output size; both sides VAE-encode the references as the pipeline prepared them (resized to OUT)
@@ -49,13 +44,12 @@ def _box(top, left, bottom, right):
 
 # ----------------------------------------------------------------------------------------------- official side
 def official_token_mask(mask, tokens):
-    """[1, 1, H, W] pixel mask -> [1, tokens, 1] weights, the official per-layer rule."""
+    """[1, 1, H, W] pixel mask -> [1, tokens, 1] weights: the official layer grid from the token count, then the
+    Parts2Whole rule."""
     h, w = mask.shape[-2:]
     s = 2 ** math.ceil(0.5 * math.log2(h * w / tokens))
     grid = (math.ceil(h / s), math.ceil(w / s))
-    m = F.interpolate(mask, size=grid)
-    m = F.conv2d(m, torch.ones(1, 1, 3, 3), padding=1).clamp(0, 1)
-    return m.flatten(1).unsqueeze(-1)
+    return naive_parts2whole(mask[0], grid).to(mask.dtype).unsqueeze(-1)
 
 
 class WriteProcessor:
@@ -96,17 +90,10 @@ class DecoupledProcessor:
         return attn.to_out[0](out)
 
 
-def pose_guider_forward(sd, x):
-    x = F.silu(F.conv2d(x, sd["conv_in.weight"], sd["conv_in.bias"], padding=1))
-    for i in range(6):
-        x = F.silu(F.conv2d(x, sd[f"blocks.{i}.weight"], sd[f"blocks.{i}.bias"], stride=1 + i % 2, padding=1))
-    return F.conv2d(x, sd["conv_out.weight"], sd["conv_out.bias"], padding=1)
-
-
 def official_eps(path, written, x_t, t, ref_latents, ref_masks, label_embs, pos, neg, clip_images, pose):
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
     from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     cfg = {k: v for k, v in written["unet_config"].items() if not k.startswith("_")}
     ref_unet = UNet2DConditionModel(**cfg).eval()

@@ -1,21 +1,16 @@
 """Loading a Parts2Whole release: synthetic folders with the release's exact key names (tiny shapes where the
 loader allows, the full SD1.5 config for the config translation) through ComfyUI's own model classes."""
-from comfyenv import require_comfy
+import os
+import shutil
 
-require_comfy()
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
-import os  # noqa: E402
-import shutil  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from humanref.pipelines.parts2whole.release import (  # noqa: E402
-    DECOUPLED_FILE, load_release, read_state_dict, unet_config_from_diffusers)
-from humanref.pipelines.synthetic.base import sd15_unet_config  # noqa: E402
-from humanref.pipelines.synthetic.parts2whole import (  # noqa: E402
-    diffusers_unet_config, tiny_release_unet_config, write_release)
+from humanref.pipelines.loading.files import read_state_dict
+from humanref.pipelines.parts2whole.release import DECOUPLED_FILE, load_release, release_unet_config
+from humanref.pipelines.synthetic.base import sd15_unet_config
+from humanref.pipelines.synthetic.parts2whole import tiny_release_unet_config, write_release
 
 UNET_FILE = os.path.join("unet", "diffusion_pytorch_model.safetensors")
 REF_FILE = os.path.join("reference_unet", "diffusion_pytorch_model.safetensors")
@@ -88,17 +83,17 @@ def test_release_loads_with_every_key_used(master):
 def test_full_size_config_matches_comfy_detection(comfy_env):
     """The config translation gives what ComfyUI's own diffusers detection derives for the real SD1.5 UNet."""
     import comfy.model_detection
-
-    from humanref.pipelines.synthetic.base import unet_shapes
-    from humanref.pipelines.synthetic.parts2whole import diffusers_unet_config
     import comfy.utils
 
+    from humanref.pipelines.loading.comfy_unet import unet_shapes
+    from humanref.pipelines.loading.unet_configs import diffusers_config_from_ldm_config
+
     full = sd15_unet_config(channel_mult=(1, 2, 4, 4), num_res_blocks=2)
-    cfg = diffusers_unet_config(full)
+    cfg = diffusers_config_from_ldm_config(full)
     assert cfg["block_out_channels"] == [320, 640, 1280, 1280]
     assert cfg["down_block_types"] == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
     assert cfg["up_block_types"] == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
-    mine = unet_config_from_diffusers(cfg, "config.json")
+    mine = release_unet_config(cfg, "config.json")
     shapes = unet_shapes(mine)
     meta = {dk: torch.empty(shapes[lk], device="meta") for dk, lk in comfy.utils.unet_to_diffusers(mine).items()
             if lk in shapes}

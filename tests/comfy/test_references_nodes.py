@@ -5,15 +5,10 @@ import logging
 
 import pytest
 import torch
+from helpers import box_mask, ksample, reference_images
 
-from comfyenv import require_comfy
-
-require_comfy()
-
-from helpers import box_mask, ksample, reference_images  # noqa: E402
-from humanref.nodes import NODES, HumanRefExtension  # noqa: E402
-from humanref.nodes.reference_encoder import ReferenceEncoder  # noqa: E402
-from humanref.nodes.shared_attention import MaskedSharedAttentionPatch  # noqa: E402
+from humanref.nodes.extension import NODES, HumanRefExtension
+from humanref.nodes.references import MaskedSharedAttentionPatch, ReferenceEncoder
 
 PATCH_DEFAULTS = dict(mode="concat", strength=1.0, start_percent=0.0, end_percent=1.0, blocks="all",
                       custom_blocks="", uncond_sees_references=False)
@@ -79,10 +74,8 @@ def test_encoder_bad_inputs_name_the_input(tiny_model, clip_vae, slots, message)
         encode(tiny_model, clip_vae, **slots(imgs))
 
 
-def test_patch_node_refuses_a_bank_of_another_architecture(tiny_model, clip_vae):
-    from humanref.pipelines.synthetic.base import build_model, sdxl_unet_config
-
+def test_patch_node_refuses_a_bank_of_another_architecture(tiny_model, tiny_sdxl_model, clip_vae):
     bank = encode(tiny_model, clip_vae, image_1=reference_images(1)[0], label_1="face")
-    sdxl = build_model(sdxl_unet_config(), seed=2, arch="sdxl")
-    with pytest.raises(ValueError, match=r"reference_bank was encoded with a writer of SD15 \(7 transformer blocks.* but model is SDXL \("):
-        MaskedSharedAttentionPatch.execute(model=sdxl, reference_bank=bank, **PATCH_DEFAULTS)
+    with pytest.raises(ValueError, match=r"reference_bank was encoded with a writer of SD15 \(7 transformer blocks"
+                                         r".* but model is SDXL \("):
+        MaskedSharedAttentionPatch.execute(model=tiny_sdxl_model, reference_bank=bank, **PATCH_DEFAULTS)

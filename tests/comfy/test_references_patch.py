@@ -5,27 +5,11 @@ import copy
 
 import pytest
 import torch
+from helpers import LATENT, box_mask, custom_sample, ksample, make_bank, reference_images
 
-from comfyenv import require_comfy
-
-require_comfy()
-
-from helpers import box_mask, custom_sample, ksample, reference_images  # noqa: E402
-from humanref.pipelines.references import patch as reference_mod  # noqa: E402
-from humanref.pipelines.references.inputs import prepare_references  # noqa: E402
-from humanref.pipelines.references.patch import (  # noqa: E402
-    ReferenceAttnReplace, apply_reference_patch, build_reference_bank)
-
-
-def make_bank(model, clip_vae, timing="once at t=0", count=2, masked=True, seed=0, size=(64, 48)):
-    clip, vae = clip_vae
-    images = reference_images(count, size, seed)
-    inputs = []
-    for i, img in enumerate(images):
-        mask = box_mask(size, 8, 4, 40 + 4 * i, 30) if masked and i % 2 == 0 else None
-        inputs.append((i + 1, img, mask, ["face", "upper body clothes", "shoes", "hair or headwear"][i % 4]))
-    refs = prepare_references(inputs, 768, 6)
-    return build_reference_bank(model, vae, clip, refs, timing, "parts2whole")
+from humanref.pipelines.references import patch as reference_mod
+from humanref.pipelines.references.inputs import prepare_references
+from humanref.pipelines.references.patch import ReferenceAttnReplace, apply_reference_patch, build_reference_bank
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +20,6 @@ def bank(tiny_model, clip_vae):
 @pytest.fixture(scope="module")
 def step_bank(tiny_model, clip_vae):
     return make_bank(tiny_model, clip_vae, timing="every step")
-
-
-LATENT = torch.zeros(1, 4, 6, 10)
 
 
 def test_patched_run_differs_and_uncond_chunk_is_unchanged(tiny_model, conds, bank):
@@ -111,10 +92,10 @@ def test_bank_is_shared_not_deep_copied(tiny_model, bank):
     clone = patched.clone()
     replaces = clone.model_options["transformer_options"]["patches_replace"]["attn1"]
     assert replaces and all(isinstance(p, ReferenceAttnReplace) for p in replaces.values())
-    assert all(p.layers[0].bank is bank for p in replaces.values())
+    assert all(p.patches[0].bank is bank for p in replaces.values())
     copied = copy.deepcopy(clone.model_options)
     key = next(iter(replaces))
-    assert copied["transformer_options"]["patches_replace"]["attn1"][key].layers[0].bank is bank
+    assert copied["transformer_options"]["patches_replace"]["attn1"][key].patches[0].bank is bank
 
 
 def test_strength_zero_is_exactly_unpatched(tiny_model, conds, bank):
@@ -139,13 +120,13 @@ def test_chained_patches_equal_one_bank_with_both_references(tiny_model, clip_va
     assert (a - ksample(apply_reference_patch(tiny_model, bank_a), conds, LATENT)).abs().max() > 1e-3
 
 
-def test_reference_kv_use_the_readers_lora_patched_weights(comfy_env, conds, clip_vae):
+def test_reference_kv_use_the_readers_lora_patched_weights(tiny_sd15_config, conds, clip_vae):
     """A weight patch (as a LoRA loader adds) on attn1.to_k/to_v must reach the reference keys/values: the
     result equals a model whose weights really are W + delta."""
     from humanref.attention.blocks import walk_transformer_blocks
-    from humanref.pipelines.synthetic.base import build_model, sd15_unet_config
+    from humanref.pipelines.synthetic.base import build_model
 
-    cfg = sd15_unet_config(model_channels=32, channel_mult=(1, 2))
+    cfg = tiny_sd15_config
     base = build_model(cfg, seed=1)
     bank = make_bank(base, clip_vae, count=1)
     g = torch.Generator().manual_seed(2)
@@ -209,12 +190,9 @@ def test_modes_differ_from_each_other(tiny_model, conds, bank):
     assert (outs["concat"] - outs["blend"]).abs().max() > 1e-4
 
 
-def test_sd15_bank_on_sdxl_model_is_a_clear_error(comfy_env, bank):
-    from humanref.pipelines.synthetic.base import build_model, sdxl_unet_config
-
-    sdxl = build_model(sdxl_unet_config(), seed=1, arch="sdxl")
+def test_sd15_bank_on_sdxl_model_is_a_clear_error(tiny_sdxl_model, bank):
     with pytest.raises(ValueError, match=r"writer of SD15 .* but model is SDXL .*block input_\d\.0 has width"):
-        apply_reference_patch(sdxl, bank)
+        apply_reference_patch(tiny_sdxl_model, bank)
 
 
 def test_bad_patch_inputs(tiny_model, bank):
@@ -250,12 +228,12 @@ def test_custom_blocks_out_of_order_capture_every_block(tiny_model, conds, step_
     assert (out - ksample(tiny_model, conds, LATENT, steps=2)).abs().max() > 1e-4
 
 
-def test_writer_with_extra_input_channels_is_named(clip_vae):
+def test_writer_with_extra_input_channels_is_named(tiny_sd15_config, clip_vae):
     """Found by the bad-input sweep: an inpainting-style (here 13-channel, MimicBrush's) UNet as the writer failed
     deep inside its first convolution; now the writer input is named."""
-    from humanref.pipelines.synthetic.base import build_model, sd15_unet_config
+    from humanref.pipelines.synthetic.base import build_model
 
-    writer = build_model(sd15_unet_config(model_channels=32, channel_mult=(1, 2), in_channels=13), seed=1)
+    writer = build_model(dict(tiny_sd15_config, in_channels=13), seed=1)
     with pytest.raises(ValueError, match="writer has a 13-channel input but the reference latents have 4 channels"):
         make_bank(writer, clip_vae)
     with pytest.raises(ValueError, match="writer has a 13-channel input"):

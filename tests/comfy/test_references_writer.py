@@ -6,33 +6,11 @@ import math
 
 import pytest
 import torch
+from naive import naive_parts2whole
 
-from comfyenv import require_comfy
-
-require_comfy()
-
-from humanref.attention.bank import MaskProjector  # noqa: E402
-from humanref.attention.blocks import walk_transformer_blocks  # noqa: E402
-from humanref.pipelines.references.writer import WriterInputs, group_references, label_conds, run_writer  # noqa: E402
-
-
-def naive_p2w_weights(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Nearest resize (floor(i*H/h)) then 3x3 box sum with zero padding, clamped, in float64 loops."""
-    H, W = mask.shape
-    small = torch.zeros(h, w, dtype=torch.float64)
-    for i in range(h):
-        for j in range(w):
-            small[i, j] = float(mask[math.floor(i * H / h), math.floor(j * W / w)])
-    out = torch.zeros(h, w, dtype=torch.float64)
-    for i in range(h):
-        for j in range(w):
-            s = 0.0
-            for di in (-1, 0, 1):
-                for dj in (-1, 0, 1):
-                    if 0 <= i + di < h and 0 <= j + dj < w:
-                        s += small[i + di, j + dj]
-            out[i, j] = min(max(s, 0.0), 1.0)
-    return out.flatten()
+from humanref.attention.bank import MaskProjector
+from humanref.attention.blocks import walk_transformer_blocks
+from humanref.pipelines.references.writer import WriterInputs, group_references, label_conds, run_writer
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +70,7 @@ def test_capture_at_t0_is_norm1_output_masked_by_official_rule(tiny_model, write
             # the block grid of the UNet for a 10x6 latent (80x48 px mask)
             grids = {10 * 6: (10, 6), 5 * 3: (5, 3), 3 * 2: (3, 2)}
             h, w = grids[n]
-            weights = naive_p2w_weights(masks[idx], h, w).float()
+            weights = naive_parts2whole(masks[idx][None], (h, w))[0].float()
             keep = weights > 0
             assert cap.dropped == int((~keep).sum())
             torch.testing.assert_close(cap.tokens, ref[keep] * weights[keep, None], rtol=1e-5, atol=1e-5)

@@ -8,21 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from comfyenv import require_comfy
-
-require_comfy()
-
-from helpers import ksample  # noqa: E402
-from test_train_hands import NOGRAD, cached_load_base, tiny_base, tiny_checkpoint, tiny_unet_ldm  # noqa: E402
+from helpers import NOGRAD, cached_load_base, ksample, tiny_base, tiny_checkpoint, tiny_unet_ldm
 
 SLOTS = ("upper", "lower")
 H, W = 64, 48
 
 
 def garment_batch(root, count=2, garment_masks=True):
-    from humanref.training.datasets import garment_samples
-    from humanref.training.anydressing.data import GarmentDataConfig, GarmentDataset
+    from humanref.training.anydressing.data import GarmentDataConfig, GarmentDataset, garment_samples
     from humanref.training.anydressing.trainer import collate
     from humanref.training.synthetic import write_garment_dataset
 
@@ -127,8 +120,8 @@ def test_the_written_file_is_the_trained_model_at_inference(trained, comfy_model
     ComfyUI sampling step with the dual patch = the training reader's epsilon at that x, sigma and context."""
     import nodes
 
-    from humanref.pipelines.anydressing.weights import load_garment_weights
     from humanref.pipelines.anydressing.pipeline import build_garment_bank, prepare_garments
+    from humanref.pipelines.anydressing.weights import load_garment_weights
     from humanref.pipelines.references.patch import apply_reference_patch
     from humanref.training.anydressing.model import ReaderPass
 
@@ -189,7 +182,7 @@ def weights_folder(trained, monkeypatch):
 
 def test_the_trained_file_changes_the_garment_extractors_output(weights_folder, comfy_model, clip_vae, conds):
     from humanref.nodes.anydressing import GarmentLoRAExtractor
-    from humanref.nodes.shared_attention import MaskedSharedAttentionPatch
+    from humanref.nodes.references import MaskedSharedAttentionPatch
 
     g = torch.Generator().manual_seed(0)
     garments = {"garment_1": torch.rand(1, H, W, 3, generator=g), "slot_1": "upper",

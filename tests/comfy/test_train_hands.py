@@ -2,78 +2,21 @@
 
 References: ComfyUI's own UNet for the diffusers conversion; the written file loaded by the node's loader and
 run by ComfyUI (UNet with c_concat, mask head on the VAE decoder) for the trained model; an uninterrupted run
-for resuming. Also the shared helpers of test_train_anydressing.py (a tiny base, a tiny checkpoint file).
+for resuming.
 """
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
-import tempfile
 
 import pytest
 import torch
+from helpers import NOGRAD, cached_load_base, tiny_base, tiny_checkpoint, tiny_unet_ldm
 
-from comfyenv import require_comfy
-
-require_comfy()
-
-from humanref.training.base import SD15_SCALE, base_from_state_dict, build_unet  # noqa: E402
-from humanref.training.base import load_base as _REAL_LOAD_BASE  # noqa: E402  (before any monkeypatch)
-from humanref.training.loop import autocast_for  # noqa: E402
-
-NOGRAD = autocast_for(torch.device("cpu"), None)
-_CACHE: dict = {}
-atexit.register(_CACHE.clear)  # ComfyUI objects go while ComfyUI's modules are still there
-
-
-def tiny_unet_ldm() -> dict:
-    if "unet" not in _CACHE:
-        from humanref.pipelines.synthetic.base import tiny_sd15_unet_config
-        from humanref.pipelines.synthetic.base import random_like, unet_shapes
-
-        _CACHE["unet"] = random_like(unet_shapes(tiny_sd15_unet_config()), 0, torch.float32)
-    return _CACHE["unet"]
-
-
-def tiny_base(clip_vae):
-    """A fresh BaseModel (the checkpoint reading path minus the file): tiny UNet, the session's CLIP/VAE."""
-    clip, vae = clip_vae
-    sd = {f"model.diffusion_model.{k}": v for k, v in tiny_unet_ldm().items()}
-    return base_from_state_dict(sd, "tiny-sd15.safetensors", clip=clip, vae=vae)
-
-
-def tiny_checkpoint(clip_vae) -> str:
-    """An SD1.5 single-file checkpoint in the tiny-models layout (tiny UNet, full CLIP and VAE), fp16, once."""
-    if "checkpoint" not in _CACHE:
-        import comfy.supported_models
-        from safetensors.torch import save_file
-
-        from humanref.pipelines.synthetic.base import tiny_sd15_unet_config
-
-        clip, vae = clip_vae
-        config = comfy.supported_models.SD15(tiny_sd15_unet_config())
-        sd = {f"model.diffusion_model.{k}": v for k, v in tiny_unet_ldm().items()}
-        sd.update(config.process_clip_state_dict_for_saving(clip.get_sd()))
-        sd.update(config.process_vae_state_dict_for_saving(vae.get_sd()))
-        folder = tempfile.mkdtemp(prefix="humanref-train-test-")
-        atexit.register(shutil.rmtree, folder, True)
-        path = os.path.join(folder, "humanref-tiny-sd15.safetensors")
-        save_file({k: v.half().contiguous() for k, v in sd.items()}, path)
-        _CACHE["checkpoint"] = path
-    return _CACHE["checkpoint"]
-
-
-def cached_load_base(path: str):
-    """training.base.load_base, reading each checkpoint file once per session (the CLI tests share it)."""
-    if ("base", path) not in _CACHE:
-        _CACHE[("base", path)] = _REAL_LOAD_BASE(path)
-    return _CACHE[("base", path)]
+from humanref.training.base import SD15_SCALE, base_from_state_dict, build_unet
 
 
 def hand_batch(root, count=2, resolution=64, **config):
-    from humanref.training.datasets import hand_samples
-    from humanref.training.hands.data import HandDataConfig, HandDataset, collate
+    from humanref.training.hands.data import HandDataConfig, HandDataset, collate, hand_samples
     from humanref.training.synthetic import write_hand_dataset
 
     write_hand_dataset(str(root), count=count)
@@ -99,7 +42,8 @@ def test_the_diffusers_unet_is_comfyuis_unet(base):
 
 
 def test_base_checks(clip_vae):
-    from humanref.pipelines.synthetic.base import random_like, sdxl_unet_config, unet_shapes
+    from humanref.pipelines.loading.comfy_unet import unet_shapes
+    from humanref.pipelines.synthetic.base import random_like, sdxl_unet_config
 
     sdxl = {f"model.diffusion_model.{k}": v for k, v in random_like(unet_shapes(sdxl_unet_config()), 0).items()}
     with pytest.raises(ValueError, match="the trainers fine-tune SD1.5 checkpoints"):
@@ -180,7 +124,7 @@ def test_the_written_file_is_the_trained_model_in_comfyui(trained, clip_vae):
 
 
 def test_the_trained_file_changes_the_hand_generator_nodes_output(trained, clip_vae, conds):
-    from humanref.nodes.hand_generator import HandGenerator
+    from humanref.nodes.hands import HandGenerator
     from humanref.pipelines.hands.weights import load_hand_generator
 
     _, _, folder, _ = trained

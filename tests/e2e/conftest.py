@@ -2,6 +2,8 @@
 
 The server gets the pack (custom_nodes symlink) and a temporary models folder holding the tiny checkpoint
 written by ``python -m humanref tiny-models``. Set HUMANREF_TINY_MODELS=DIR to reuse models written earlier.
+ComfyUI goes on sys.path (CPU mode) when pytest imports this file; without ComfyUI each test module is reported
+skipped with the reason.
 """
 from __future__ import annotations
 
@@ -10,7 +12,18 @@ import time
 from pathlib import Path
 
 import pytest
+from comfyenv import bootstrap, mark_tier, skipped_module
 from e2e_support import TINY_CKPT, comfyui_path, humanref_cli, running_server
+
+bootstrap()
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    return skipped_module(module_path, parent)
+
+
+def pytest_collection_modifyitems(items):
+    mark_tier(items, Path(__file__).parent, "comfy", "e2e")
 
 
 @pytest.fixture(scope="session")

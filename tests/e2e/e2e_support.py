@@ -1,6 +1,7 @@
 """Shared constants and helpers of the end-to-end tier (imported by conftest.py and the test modules)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,8 +13,18 @@ from humanref.pipelines.comfy_env import comfyui_path
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"
+# The template browser shows a custom node's template by its file name (title; the description is the name with
+# - and _ as spaces) and sorts by it: "N-method-what-it-makes". The API graphs keep the method's name.
+UI_NAMES = {
+    "references": "1-references-portrait-from-photos",
+    "parts2whole": "2-parts2whole-person-from-parts",
+    "mimicbrush": "3-mimicbrush-redraw-a-region",
+    "hands": "4-hands-first-then-the-body",
+    "anydressing": "5-anydressing-dress-a-person",
+}
+UI_WORKFLOWS = {method: WORKFLOWS / f"{name}.json" for method, name in UI_NAMES.items()}
 API_WORKFLOW = WORKFLOWS / "api" / "references.json"
-UI_WORKFLOW = WORKFLOWS / "references.json"
+UI_WORKFLOW = UI_WORKFLOWS["references"]
 INPUTS = WORKFLOWS / "inputs"
 TINY_CKPT = "humanref-tiny-sd15.safetensors"
 
@@ -22,6 +33,17 @@ SMALL = ["--set", f"1.ckpt_name={TINY_CKPT}", "--set", "12.width=128", "--set", 
          "--set", "13.steps=3"]
 
 CLI_TIMEOUT = 300  # seconds for one `python -m humanref ...` process
+
+
+def with_style_lora(prompt: dict, lora_name: str, strength: float = 0.8) -> dict:
+    """The AnyDressing API graph with its optional style LoRA switched on, as a user who un-bypasses the UI graph's
+    node 2 has it: LoraLoaderModelOnly (node 2) between the checkpoint and the dressing attention (node 8)."""
+    prompt = json.loads(json.dumps(prompt))
+    assert "2" not in prompt and prompt["8"]["inputs"]["model"] == ["1", 0], "not the shipped anydressing graph"
+    prompt["2"] = {"class_type": "LoraLoaderModelOnly",
+                   "inputs": {"lora_name": lora_name, "strength_model": strength, "model": ["1", 0]}}
+    prompt["8"]["inputs"]["model"] = ["2", 0]
+    return prompt
 
 
 def humanref_cli(*args: str, cwd: Path, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:

@@ -11,25 +11,17 @@ weights_only), a file that is not a model at all, and a dangling symlink (a file
 A second, small table holds edge inputs that must be accepted (all-ones masks, a mask of another size).
 ``pytest -s`` prints the tried/passed counts.
 """
-from comfyenv import require_comfy
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
-require_comfy()
+import pytest
+import workloads
+from e2e_support import TINY_CKPT, running_server
 
-import os  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Callable, Optional  # noqa: E402
+from humanref.cli.client import ExecutionFailed, PromptRejected
 
-import pytest  # noqa: E402
-from e2e_support import running_server  # noqa: E402
-from test_soak import load_bench  # noqa: E402
-
-from humanref.cli.client import ExecutionFailed, PromptRejected  # noqa: E402
-
-pytestmark = pytest.mark.e2e
-
-SOAK = load_bench("soak")
-TINY_CKPT = SOAK.TINY_CKPT
-POSE_JSON = SOAK.load_api("hands")["5"]["inputs"]["pose_json"]
+POSE_JSON = workloads.load_api("hands")["5"]["inputs"]["pose_json"]
 # the pack's own exception types: a failure of these kinds was foreseen and worded by the node
 OWN_ERRORS = {"ValueError", "FileNotFoundError", "KeyError"}
 
@@ -52,8 +44,8 @@ def bad_models(tiny_models: str, dest: str) -> str:
     """The soak's models folder (tiny models + tiny TAESD) with broken files in the pack's model folders."""
     import shutil
 
-    SOAK.soak_models(tiny_models, dest)
-    controlnet = os.path.join(tiny_models, "controlnet", SOAK.TINY_CONTROLNET)
+    workloads.soak_models(tiny_models, dest)
+    controlnet = os.path.join(tiny_models, "controlnet", workloads.TINY_CONTROLNET)
     for folder, ext in (("mimicbrush", ".bin"), ("hand_generator", ".pt"), ("garment_weights", ".pt")):
         own = os.path.join(dest, folder + "_bad")
         os.makedirs(own)
@@ -67,10 +59,10 @@ def bad_models(tiny_models: str, dest: str) -> str:
         os.unlink(os.path.join(dest, folder))
         os.rename(own, os.path.join(dest, folder))
     # Parts2Whole release folders: the tiny release with one part broken
-    base = os.path.join(tiny_models, "parts2whole", SOAK.TINY_RELEASE)
+    base = os.path.join(tiny_models, "parts2whole", workloads.TINY_RELEASE)
     releases = os.path.join(dest, "parts2whole_bad")
     os.makedirs(releases)
-    os.symlink(base, os.path.join(releases, SOAK.TINY_RELEASE))
+    os.symlink(base, os.path.join(releases, workloads.TINY_RELEASE))
 
     def broken(name: str, replace: dict[str, Optional[Callable[[str], None]]]) -> None:
         root = os.path.join(releases, name)
@@ -111,7 +103,7 @@ def bad_client(bad_server):
     from humanref.cli.client import ComfyClient
 
     client = ComfyClient(bad_server.url, timeout=60)
-    SOAK.upload_inputs(client)
+    workloads.upload_inputs(client)
     return client
 
 
@@ -157,7 +149,7 @@ def batch(g: Graph, img: list, amount: int) -> list:
 def encoder(g: Graph, ckpt: str, vae: str, **over) -> str:
     inputs = dict(writer=[ckpt, 0], vae=[vae, 0], clip=[ckpt, 1], timing="once at t=0", mask_rule="parts2whole",
                   max_side=64, image_1=image(g, "face.png"), mask_1=mask(g, "face_mask.png"),
-                  **{f"label_{i}": label for i, label in enumerate(SOAK.REF_LABELS, 1)})
+                  **{f"label_{i}": label for i, label in enumerate(workloads.REF_LABELS, 1)})
     inputs.update(over)
     return g.add("HumanRef_ReferenceEncoder", **{k: v for k, v in inputs.items() if v is not None})
 
@@ -182,11 +174,11 @@ def patch_prompt(model: Optional[Callable] = None, bank: Optional[Callable] = No
 
 
 def mimicbrush_model(g: Graph, *_: str) -> list:
-    return [g.add("HumanRef_MimicBrushLoader", ckpt_name=SOAK.TINY_MIMICBRUSH), 0]
+    return [g.add("HumanRef_MimicBrushLoader", ckpt_name=workloads.TINY_MIMICBRUSH), 0]
 
 
 def p2w_model(g: Graph, *_: str) -> list:
-    return [g.add("HumanRef_Parts2WholeLoader", release=SOAK.TINY_RELEASE, weight_dtype="default"), 0]
+    return [g.add("HumanRef_Parts2WholeLoader", release=workloads.TINY_RELEASE, weight_dtype="default"), 0]
 
 
 def p2w_loader_prompt(release: str, dtype: str = "default") -> dict:
@@ -194,17 +186,17 @@ def p2w_loader_prompt(release: str, dtype: str = "default") -> dict:
     return g.preview(g.add("HumanRef_Parts2WholeLoader", release=release, weight_dtype=dtype), 3)
 
 
-def p2w_prompt(parts: int = 2, release: str = SOAK.TINY_RELEASE, **over) -> dict:
+def p2w_prompt(parts: int = 2, release: str = workloads.TINY_RELEASE, **over) -> dict:
     g = Graph()
     ckpt, vae = base(g)
     loader = g.add("HumanRef_Parts2WholeLoader", release=release, weight_dtype="default")
-    pos = g.add("CLIPTextEncode", text=SOAK.POSITIVE, clip=[ckpt, 1])
+    pos = g.add("CLIPTextEncode", text=workloads.POSITIVE, clip=[ckpt, 1])
     inputs = dict(model=[loader, 0], reference_unet=[loader, 1], parts2whole=[loader, 3], image_encoder=[loader, 2],
                   vae=[vae, 0], clip=[ckpt, 1], positive=[pos, 0], width=64, height=64, batch_size=1,
                   mode="as trained", mask_source="mask: 1 = part", pose=image(g, "p2w_densepose.png"))
-    inputs.update({f"label_{i}": label for i, label in enumerate(SOAK.P2W_LABELS, 1)})
+    inputs.update({f"label_{i}": label for i, label in enumerate(workloads.P2W_LABELS, 1)})
     for i in range(1, parts + 1):
-        img, msk = SOAK.PAIRS[(i - 1) % 3]
+        img, msk = workloads.PAIRS[(i - 1) % 3]
         inputs.update({f"image_{i}": image(g, img), f"mask_{i}": mask(g, msk)})
     for k, v in over.items():
         inputs[k] = v(g, ckpt, vae, loader) if callable(v) else v
@@ -218,7 +210,7 @@ def mb_loader_prompt(name: str) -> dict:
 
 def mb_conditioning(g: Graph, **over) -> str:
     ckpt, vae = base(g)
-    loader = g.add("HumanRef_MimicBrushLoader", ckpt_name=SOAK.TINY_MIMICBRUSH)
+    loader = g.add("HumanRef_MimicBrushLoader", ckpt_name=workloads.TINY_MIMICBRUSH)
     inputs = dict(model=[loader, 0], mimicbrush=[loader, 1], vae=[vae, 0], image=image(g, "mb_source.png"),
                   mask=mask(g, "mb_mask.png"), reference=image(g, "mb_reference.png"), keep_shape=False,
                   writer="once at t=0 (fast)", resolution=256, crop_to_mask=False, crop_margin=64, depth_scale=1.0)
@@ -245,10 +237,10 @@ def hand_loader_prompt(name: str) -> dict:
 
 def hands(g: Graph, trained: Optional[str] = None, **over) -> str:
     ckpt, vae = base(g)
-    pos = g.add("CLIPTextEncode", text=SOAK.POSITIVE, clip=[ckpt, 1])
-    neg = g.add("CLIPTextEncode", text=SOAK.NEGATIVE, clip=[ckpt, 1])
+    pos = g.add("CLIPTextEncode", text=workloads.POSITIVE, clip=[ckpt, 1])
+    neg = g.add("CLIPTextEncode", text=workloads.NEGATIVE, clip=[ckpt, 1])
     inputs = dict(model=[ckpt, 0], positive=[pos, 0], negative=[neg, 0], vae=[vae, 0], pose_json=POSE_JSON,
-                  control_net=[g.add("ControlNetLoader", control_net_name=SOAK.TINY_CONTROLNET), 0], person=0,
+                  control_net=[g.add("ControlNetLoader", control_net_name=workloads.TINY_CONTROLNET), 0], person=0,
                   seed=1, steps=1, cfg=7.0, sampler_name="euler", scheduler="normal", resolution=64, crop_scale=1.5,
                   control_strength=1.0, mask_dilation=8.0, heatmap_sigma=0.0, min_confidence=0.3,
                   coordinates="auto", width=128, height=192)
@@ -278,8 +270,8 @@ def canvas_prompt(**over) -> dict:
 def outpaint_prompt(**over) -> dict:
     g = Graph()
     ckpt, vae = base(g)
-    pos = g.add("CLIPTextEncode", text=SOAK.POSITIVE, clip=[ckpt, 1])
-    neg = g.add("CLIPTextEncode", text=SOAK.NEGATIVE, clip=[ckpt, 1])
+    pos = g.add("CLIPTextEncode", text=workloads.POSITIVE, clip=[ckpt, 1])
+    neg = g.add("CLIPTextEncode", text=workloads.NEGATIVE, clip=[ckpt, 1])
     inputs = dict(model=[ckpt, 0], positive=[pos, 0], negative=[neg, 0], vae=[vae, 0],
                   canvas=[g.add("EmptyImage", width=64, height=96, batch_size=1, color=0x808080), 0],
                   seed=1, steps=2, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0,
@@ -297,7 +289,7 @@ def garments_prompt(weights: str = "none (training-free)", garments: int = 2, **
     g = Graph()
     ckpt, vae = base(g)
     inputs = dict(writer=[ckpt, 0], vae=[vae, 0], garment_weights=weights, max_side=64,
-                  **{f"slot_{i}": s for i, s in enumerate(SOAK.GARMENT_SLOTS, 1)})
+                  **{f"slot_{i}": s for i, s in enumerate(workloads.GARMENT_SLOTS, 1)})
     for i in range(1, garments + 1):
         inputs[f"garment_{i}"] = image(g, ("garment_upper.png", "garment_lower.png")[(i - 1) % 2])
     for k, v in over.items():
@@ -395,7 +387,7 @@ CASES: list[Case] = [
          lambda: p2w_loader_prompt("zz-garbage-unet"), ("zz-garbage-unet", "unet")),
     Case("Parts2WholeLoader", "unet weights of the wrong format (a ControlNet)",
          lambda: p2w_loader_prompt("zz-wrong-unet"), ("zz-wrong-unet", "unet")),
-    Case("Parts2WholeLoader", "unknown weight_dtype", lambda: p2w_loader_prompt(SOAK.TINY_RELEASE, "fp8"),
+    Case("Parts2WholeLoader", "unknown weight_dtype", lambda: p2w_loader_prompt(workloads.TINY_RELEASE, "fp8"),
          ("weight_dtype",), "validation"),
     # ---- Parts2Whole
     Case("Parts2Whole", "zero parts", lambda: p2w_prompt(parts=0), ("image_1",)),
@@ -508,7 +500,7 @@ CASES: list[Case] = [
     Case("GarmentLoRAExtractor", "an empty region", lambda: garments_prompt(region_1=lambda g, *_: solid(g, 0.0)),
          ("region_1",)),
     Case("GarmentLoRAExtractor", "a slot the weights have no LoRA for",
-         lambda: garments_prompt(SOAK.TINY_GARMENTS, slot_2="shoes"), ("slot_2", "shoes")),
+         lambda: garments_prompt(workloads.TINY_GARMENTS, slot_2="shoes"), ("slot_2", "shoes")),
     Case("GarmentLoRAExtractor", "missing weights file", lambda: garments_prompt("no-such.safetensors"),
          ("garment_weights",), "validation"),
     Case("GarmentLoRAExtractor", "weights listed but deleted (dangling link)",
@@ -525,14 +517,14 @@ CASES: list[Case] = [
 
 # the good prompt of every node, run after its bad ones (the server keeps serving)
 GOOD: dict[str, Callable[[], dict]] = {
-    ENC: encoder_prompt, PATCH: patch_prompt, "Parts2WholeLoader": lambda: p2w_loader_prompt(SOAK.TINY_RELEASE),
-    "Parts2Whole": p2w_prompt, "MimicBrushLoader": lambda: mb_loader_prompt(SOAK.TINY_MIMICBRUSH),
+    ENC: encoder_prompt, PATCH: patch_prompt, "Parts2WholeLoader": lambda: p2w_loader_prompt(workloads.TINY_RELEASE),
+    "Parts2Whole": p2w_prompt, "MimicBrushLoader": lambda: mb_loader_prompt(workloads.TINY_MIMICBRUSH),
     "MimicBrushConditioning": mb_prompt,
     "MimicBrushPaste": lambda: paste_prompt(lambda g: [g.add("EmptyImage", width=256, height=256, batch_size=1,
                                                              color=0), 0]),
     "HandGeneratorLoader": lambda: hand_loader_prompt("humanref-tiny-hand-generator.safetensors"),
     "HandGenerator": hands_prompt, "HandCanvas": canvas_prompt, "SequentialMaskExpandOutpaint": outpaint_prompt,
-    "GarmentLoRAExtractor": lambda: garments_prompt(SOAK.TINY_GARMENTS),
+    "GarmentLoRAExtractor": lambda: garments_prompt(workloads.TINY_GARMENTS),
 }
 
 # edge inputs that are not errors: they must run
@@ -581,7 +573,7 @@ def check(case: Case, stage: str, etype: str, text: str) -> list[str]:
 
 def served(client) -> bool:
     """The server answers and its queue drains."""
-    return "system" in client.system_stats() and SOAK.wait_idle(client)
+    return "system" in client.system_stats() and workloads.wait_idle(client)
 
 
 TALLY: dict[str, list[int]] = {}
@@ -617,9 +609,9 @@ def test_edge_inputs_are_accepted(bad_client, case):
 
 def test_full_workflow_after_the_sweep(bad_client):
     """After every bad prompt above, a whole example workflow still runs on this server."""
-    result = bad_client.run(SOAK.Job("references", dict(seed=5, refs=2, size=(64, 64))).prompt(),
+    result = bad_client.run(workloads.Job("references", dict(seed=5, refs=2, size=(64, 64))).prompt(),
                             timeout=300)
-    assert any(f["filename"].endswith(".png") for f in SOAK.output_files(result.history))
+    assert any(f["filename"].endswith(".png") for f in workloads.output_files(result.history))
     tried = sum(t for t, _ in TALLY.values())
     passed = sum(p for _, p in TALLY.values())
     print(f"bad-input sweep: {tried} tried, {passed} passed over {len(TALLY)} nodes; {len(ACCEPTED)} edge inputs "

@@ -1,21 +1,22 @@
 """UI -> API conversion (humanref.cli.convert) against the live server's /object_info."""
-from comfyenv import require_comfy
+import copy
+import glob
+import json
+import os
+import sysconfig
 
-require_comfy()
+import pytest
+from e2e_support import API_WORKFLOW, UI_WORKFLOW
 
-import copy  # noqa: E402
-import glob  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import sysconfig  # noqa: E402
-
-import pytest  # noqa: E402
-from e2e_support import API_WORKFLOW, UI_WORKFLOW  # noqa: E402
-
-from humanref.cli.convert import (ConversionError, image_upload_inputs, is_api_workflow, is_ui_workflow,  # noqa: E402
-                                  ordered_inputs, ui_to_api, widget_slot_count)
-
-pytestmark = pytest.mark.e2e
+from humanref.cli.convert import (
+    ConversionError,
+    image_upload_inputs,
+    is_api_workflow,
+    is_ui_workflow,
+    ordered_inputs,
+    ui_to_api,
+    widget_slot_count,
+)
 
 
 @pytest.fixture

@@ -3,29 +3,22 @@ middle of a graph. The next prompt must be exactly right: its latent is compared
 uninterrupted run of the same prompt and seed made before any fault, and ComfyUI's cache must have re-run the
 sampler on the same (cached) patched model object, so the fault cannot hide behind a cached result.
 """
-from comfyenv import require_comfy
+import copy
+import threading
 
-require_comfy()
+import pytest
+import workloads
 
-import copy  # noqa: E402
-import threading  # noqa: E402
+from humanref.cli.client import ExecutionFailed, Interrupted
 
-import pytest  # noqa: E402
-from test_soak import load_bench  # noqa: E402
-
-from humanref.cli.client import ExecutionFailed, Interrupted  # noqa: E402
-
-pytestmark = pytest.mark.e2e
-
-SOAK = load_bench("soak")
 SAMPLER = "13"  # the KSampler of workflows/api/references.json
 STEPS = 20
 
 
 def patched_prompt() -> dict:
     """references with two masked references, 'every step' writer, 20 steps, 64x64, a SaveLatent."""
-    prompt = SOAK.references(seed=77, refs=2, masks=True, size=(64, 64), steps=STEPS, timing="every step")
-    SOAK.save_latent(prompt, SAMPLER, "faults")
+    prompt = workloads.references(seed=77, refs=2, masks=True, size=(64, 64), steps=STEPS, timing="every step")
+    workloads.save_latent(prompt, SAMPLER, "faults")
     prompt["15"]["inputs"]["filename_prefix"] = "faults"
     return prompt
 
@@ -34,22 +27,22 @@ def outputs(client, result) -> tuple:
     """(latent tensor, PNG pixels) of a finished run."""
     from safetensors.torch import load
 
-    files = SOAK.fetch_outputs(client, result.history)
+    files = workloads.fetch_outputs(client, result.history)
     latent = [load(v)["latent_tensor"] for k, v in files.items() if k.endswith(".latent")]
-    pixels = [SOAK.png_pixels(v) for k, v in files.items() if k.endswith(".png")]
+    pixels = [workloads.png_pixels(v) for k, v in files.items() if k.endswith(".png")]
     assert len(latent) == 1 and len(pixels) == 1, sorted(files)
     return latent[0], pixels[0]
 
 
 def evict(client) -> None:
     """Run another graph: ComfyUI's classic cache then drops the patched prompt's sampler and decoder outputs."""
-    client.run(SOAK.plain_txt2img(seed=5, size=(64, 64), steps=1, prefix="faults_other"), timeout=240)
+    client.run(workloads.plain_txt2img(seed=5, size=(64, 64), steps=1, prefix="faults_other"), timeout=240)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(client):
     """The patched prompt run once, start to end, before any fault: (latent, pixels)."""
-    SOAK.upload_inputs(client)
+    workloads.upload_inputs(client)
     return outputs(client, client.run(patched_prompt(), timeout=300))
 
 
@@ -80,14 +73,14 @@ def test_interrupt_while_sampling_a_patched_model(client, uninterrupted):
     with pytest.raises(Interrupted, match=f"at node {SAMPLER} \\(KSampler\\)"):
         client.run(patched_prompt(), timeout=300, on_event=on_event)
     assert sent.is_set() and seen and max(v for v, _ in seen) < STEPS, seen  # stopped in the middle
-    assert SOAK.wait_idle(client)
+    assert workloads.wait_idle(client)
     check_next_prompt(client, uninterrupted)
 
 
 def test_sampler_failing_on_the_patched_model(client, uninterrupted):
     """HyperTile after our patch: the KSampler fails inside sampling with our message; nothing sticks."""
     prompt = patched_prompt()
-    tile = SOAK.add_node(prompt, {"class_type": "HyperTile", "inputs": {
+    tile = workloads.add_node(prompt, {"class_type": "HyperTile", "inputs": {
         "model": ["9", 0], "tile_size": 32, "swap_size": 1, "max_depth": 0, "scale_depth": False}})
     prompt[SAMPLER]["inputs"]["model"] = [tile, 0]
     with pytest.raises(ExecutionFailed) as info:
@@ -100,7 +93,8 @@ def test_sampler_failing_on_the_patched_model(client, uninterrupted):
 def test_humanref_node_failing_in_the_middle(client, uninterrupted):
     """The patch node between encoder and sampler fails (region masks outside dual mode); nothing sticks."""
     prompt = copy.deepcopy(patched_prompt())
-    region = SOAK.add_node(prompt, {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 64}})
+    solid = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 64}}
+    region = workloads.add_node(prompt, solid)
     prompt["9"]["inputs"]["region_masks"] = [region, 0]
     with pytest.raises(ExecutionFailed) as info:
         client.run(prompt, timeout=300)

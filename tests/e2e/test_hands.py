@@ -1,19 +1,12 @@
 """The hands workflows end to end on a ComfyUI server: training-free and trained hand generators."""
-from comfyenv import require_comfy
+import json
+from pathlib import Path
 
-require_comfy()
-
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-from e2e_support import REPO, TINY_CKPT, humanref_cli  # noqa: E402
-from PIL import Image  # noqa: E402
-
-pytestmark = pytest.mark.e2e
+from e2e_support import REPO, TINY_CKPT, UI_WORKFLOWS, humanref_cli
+from PIL import Image
 
 API = REPO / "workflows" / "api" / "hands.json"
-UI = REPO / "workflows" / "hands.json"
+UI = UI_WORKFLOWS["hands"]
 SMALL = ["--set", f"1.ckpt_name={TINY_CKPT}", "--set", "4.control_net_name=humanref-tiny-controlnet-sd15.safetensors",
          "--set", "5.resolution=64", "--set", "5.steps=2", "--set", "5.width=128", "--set", "5.height=192",
          "--set", "9.steps=3"]

@@ -1,20 +1,13 @@
 """The MimicBrush workflows against a real ComfyUI server with the pack and the tiny synthetic mimicbrush.bin."""
-from comfyenv import require_comfy
+import json
 
-require_comfy()
+from e2e_support import INPUTS, TINY_CKPT, UI_WORKFLOWS, WORKFLOWS, humanref_cli
+from PIL import Image
 
-import json  # noqa: E402
-
-import pytest  # noqa: E402
-from e2e_support import INPUTS, TINY_CKPT, WORKFLOWS, humanref_cli  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from humanref.pipelines.synthetic.mimicbrush import TINY_MIMICBRUSH  # noqa: E402
-
-pytestmark = pytest.mark.e2e
+from humanref.pipelines.synthetic.mimicbrush import TINY_MIMICBRUSH
 
 API = WORKFLOWS / "api" / "mimicbrush.json"
-UI = WORKFLOWS / "mimicbrush.json"
+UI = UI_WORKFLOWS["mimicbrush"]
 SMALL = ["--set", f"1.ckpt_name={TINY_CKPT}", "--set", f"2.ckpt_name={TINY_MIMICBRUSH}",
          "--set", "7.resolution=256", "--set", "8.steps=2"]
 

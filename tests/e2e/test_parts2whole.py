@@ -1,20 +1,13 @@
 """The Parts2Whole API workflow on a real ComfyUI server, with a synthetic release in the release layout
 (models/parts2whole/humanref-tiny-parts2whole/, written by ``python -m humanref tiny-models``)."""
-from comfyenv import require_comfy
+import json
+from pathlib import Path
 
-require_comfy()
-
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-from e2e_support import INPUTS, TINY_CKPT, WORKFLOWS, humanref_cli  # noqa: E402
-from PIL import Image  # noqa: E402
-
-pytestmark = pytest.mark.e2e
+from e2e_support import INPUTS, TINY_CKPT, UI_WORKFLOWS, WORKFLOWS, humanref_cli
+from PIL import Image
 
 API = WORKFLOWS / "api" / "parts2whole.json"
-UI = WORKFLOWS / "parts2whole.json"
+UI = UI_WORKFLOWS["parts2whole"]
 TINY_RELEASE = "humanref-tiny-parts2whole"
 SMALL = ["--set", f"1.ckpt_name={TINY_CKPT}", "--set", f"2.release={TINY_RELEASE}", "--set", "12.width=64",
          "--set", "12.height=96", "--set", "13.steps=3"]

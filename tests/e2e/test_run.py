@@ -1,22 +1,15 @@
 """`python -m humanref run` against a real ComfyUI server with the pack installed and a tiny checkpoint."""
-from comfyenv import require_comfy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
-require_comfy()
-
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-from e2e_support import API_WORKFLOW, INPUTS, REPO, SMALL, UI_WORKFLOW, comfyui_path, humanref_cli  # noqa: E402
-from PIL import Image  # noqa: E402
-
-pytestmark = pytest.mark.e2e
+from e2e_support import API_WORKFLOW, INPUTS, REPO, SMALL, UI_NAMES, UI_WORKFLOW, comfyui_path, humanref_cli
+from PIL import Image
 
 
 def saved_pngs(proc: subprocess.CompletedProcess) -> list[Path]:
@@ -42,10 +35,13 @@ def reachable(url: str) -> bool:
 
 
 def test_template_browser_lists_the_ui_workflows(client):
-    """ComfyUI's template browser finds every workflows/*.json of the installed pack (not workflows/api/)."""
+    """ComfyUI's template browser finds every workflows/*.json of the installed pack (not workflows/api/): one per
+    method, named N-method-... (the card's title and its place in the alphabetical order)."""
     templates = client.get_json("/workflow_templates")
     expected = sorted(p.stem for p in UI_WORKFLOW.parent.glob("*.json"))
-    assert "references" in expected
+    assert expected == sorted(UI_NAMES.values())
+    for number, (method, name) in enumerate(UI_NAMES.items(), 1):
+        assert name.startswith(f"{number}-{method}-"), name
     assert sorted(templates.get("humanref", [])) == expected
     for name in expected:
         served = client.get_json(f"/api/workflow_templates/humanref/{name}.json")

@@ -1,55 +1,37 @@
-"""Soak: 50 API prompts queued back to back on a fresh server of its own (the workload is bench/soak.py).
+"""Soak: 50 API prompts queued back to back on a fresh server of its own (the workload is workloads.py, which
+bench/soak.py runs as a benchmark).
 
 The five example workflows, run small on the tiny models, over seeds, 1 to 6 references or parts or garments,
 with and without masks and regions, several image sizes, both writer timings and every injection mode. Every
 prompt completes; the server's resident memory after the soak is within 5% of its value after the warm-up
-(two rounds: every workflow at its largest settings, then its other variants); and the unpatched txt2img graph gives bit-identical latent and image before and after the soak, on the
+(two rounds: every workflow at its largest settings, then its other variants); and the unpatched txt2img graph
+gives bit-identical latent and image before and after the soak, on the
 very model object the patched prompts were cloned from (ComfyUI's cache hands it over: the checkpoint loader
 is cached, the sampler runs). Set HUMANREF_SOAK_RESULTS=FILE to keep the figures as JSON (bench/soak.py writes
 bench/results/soak_cpu.json).
 """
-from comfyenv import require_comfy
+import json
+import os
 
-require_comfy()
+import pytest
+import workloads
+from e2e_support import running_server
 
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-from e2e_support import REPO, running_server  # noqa: E402
-
-pytestmark = pytest.mark.e2e
-
-
-def load_bench(name: str):
-    """bench/<name>.py as a module (bench/ is a folder of scripts, not a package)."""
-    module_name = f"humanref_bench_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, REPO / "bench" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
-
-
-SOAK = load_bench("soak")
 PROMPTS = 50
 
 
 @pytest.fixture(scope="module")
 def soak_server(tiny_models, tmp_path_factory):
     """A fresh server: the tiny models plus a tiny synthetic TAESD (models/vae_approx)."""
-    models = SOAK.soak_models(str(tiny_models), str(tmp_path_factory.mktemp("soak-models")))
+    models = workloads.soak_models(str(tiny_models), str(tmp_path_factory.mktemp("soak-models")))
     with running_server(models) as server:
         yield server
 
 
 def test_the_plan_mixes_workflows_counts_masks_and_sizes():
-    jobs = [job for jobs in SOAK.soak_plan(PROMPTS) for job in jobs]
+    jobs = [job for jobs in workloads.soak_plan(PROMPTS) for job in jobs]
     assert len(jobs) == PROMPTS
-    assert {j.workflow for j in jobs} == set(SOAK.WORKFLOWS)
+    assert {j.workflow for j in jobs} == set(workloads.WORKFLOWS)
     counts = {j.options.get("refs") or j.options.get("parts") or j.options.get("garments") for j in jobs
               if j.workflow in ("references", "parts2whole", "anydressing")}
     assert counts == {1, 2, 3, 4, 5, 6}
@@ -68,7 +50,7 @@ def test_soak(soak_server, tmp_path):
     from humanref.cli.client import ComfyClient
 
     client = ComfyClient(soak_server.url, timeout=60)
-    result = SOAK.run_soak(client, soak_server.proc.pid, prompts=PROMPTS, log=print)
+    result = workloads.run_soak(client, soak_server.proc.pid, prompts=PROMPTS, log=print)
     figures = result.as_json()
     out = os.environ.get("HUMANREF_SOAK_RESULTS") or str(tmp_path / "soak.json")
     with open(out, "w", encoding="utf-8") as f:
@@ -76,7 +58,7 @@ def test_soak(soak_server, tmp_path):
     print(json.dumps({k: figures[k] for k in ("vmrss_mib", "growth_after_warmup", "seconds")}))
     assert result.failures == []
     assert len(result.jobs) == PROMPTS
-    assert result.growth < SOAK.GROWTH_MAX, figures["vmrss_mib"]
+    assert result.growth < workloads.GROWTH_MAX, figures["vmrss_mib"]
     # the unpatched graph: bit-identical latent and pixels on the fresh server and after 50 patched prompts ...
     assert result.plain_identical, result.plain
     # ... computed by the sampler again (not taken from the cache) on the cached checkpoint's model object

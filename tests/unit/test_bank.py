@@ -129,6 +129,14 @@ def test_bank_unknown_timing():
         _bank(timing="sometimes")
 
 
+def test_timing_labels_are_the_saved_combo_values():
+    assert BK.TIMINGS == ("every step", "once at t=0")
+    assert BK.Timing.from_label("once at t=0", "timing") is BK.Timing.ONCE
+    assert _bank(timing="every step").timing is BK.Timing.EVERY_STEP  # a label given to the bank becomes a member
+    with pytest.raises(ValueError, match=r"timing must be one of \('every step', 'once at t=0'\), got 'later'"):
+        BK.Timing.from_label("later", "timing")
+
+
 @pytest.mark.parametrize("refs", [(), []])
 def test_bank_needs_references(refs):
     with pytest.raises(ValueError, match="at least one reference"):

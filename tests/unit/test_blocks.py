@@ -150,7 +150,8 @@ def test_select_mid_up(blocks):
 
 
 def test_select_down_only(blocks):
-    assert _keys(B.select_blocks(blocks, "down-only")) == [("input", 1, 0), ("input", 2, 0), ("input", 4, 0), ("input", 4, 1)]
+    expected = [("input", 1, 0), ("input", 2, 0), ("input", 4, 0), ("input", 4, 1)]
+    assert _keys(B.select_blocks(blocks, "down-only")) == expected
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,15 @@
 """Decoupled image cross-attention against a naive float64 implementation of the official processor."""
 import pytest
 import torch
-
-from humanref.attention.decoupled import (MAX_IMAGE_TOKENS, decoupled_cross_attention, pad_image_tokens,
-                                          project_image_tokens)
 import torch.nn.functional as F
+from naive import naive_attention
+
+from humanref.attention.decoupled import (
+    MAX_IMAGE_TOKENS,
+    decoupled_cross_attention,
+    pad_image_tokens,
+    project_image_tokens,
+)
 
 
 def default_attn(q, k, v, heads):
@@ -12,14 +17,6 @@ def default_attn(q, k, v, heads):
     b, n, c = q.shape
     q, k, v = (t.reshape(b, -1, heads, c // heads).transpose(1, 2) for t in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
-
-
-def naive_attention(q, k, v, heads):
-    b, n, c = q.shape
-    d = c // heads
-    q, k, v = (t.double().reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    w = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, dim=-1)
-    return (w @ v).transpose(1, 2).reshape(b, n, c)
 
 
 def official(q, k_text, v_text, image_tokens, wk, wv, heads):
@@ -62,7 +59,7 @@ def test_chunk_order_follows_cond_or_uncond():
     assert torch.equal(out[1], text[1])  # uncond untouched
     assert not torch.allclose(out[0], text[0]) and not torch.allclose(out[2], text[2])
     assert torch.equal(decoupled_cross_attention(q, text, tok, 2, [1, 1, 1], default_attn), text)
-    with pytest.raises(RuntimeError, match="does not split"):
+    with pytest.raises(ValueError, match="cannot be split into 2 CFG chunks"):
         decoupled_cross_attention(q, text, tok, 2, [1, 0], default_attn)
 
 

@@ -10,8 +10,15 @@ import math
 import pytest
 import torch
 
-from humanref.pipelines.hands.condition import (HandCrop, crop_image, hand_condition, hand_skeleton, keypoint_mask,
-                                               paste, plan_crops)
+from humanref.pipelines.hands.condition import (
+    HandCrop,
+    crop_image,
+    hand_condition,
+    hand_skeleton,
+    keypoint_mask,
+    paste,
+    plan_crops,
+)
 from humanref.pipelines.hands.draw import HAND_EDGES, draw_body, keypoint_hand_mask
 from humanref.pipelines.hands.keypoints import Person
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from humanref.pipelines.hands.keypoints import parse_pose, select_person
 

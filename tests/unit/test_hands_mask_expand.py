@@ -6,8 +6,7 @@ import math
 import pytest
 import torch
 
-from humanref.pipelines.hands.mask_expand import (component_boxes, dilate, expansion_radii, keep_schedule,
-                                            step_index)
+from humanref.pipelines.hands.mask_expand import component_boxes, dilate, expansion_radii, keep_schedule, step_index
 
 
 def dot_mask(h=24, w=24, y=12, x=12):

@@ -11,10 +11,11 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from naive import linear as naive_linear  # noqa: F401
+from naive import naive_attention, proj
 
 from humanref.attention import kernels as K
-from naive import linear as naive_linear, naive_attention, proj  # noqa: F401
+from humanref.attention import reader as R
 
 ATOL = 1e-10  # float64 everywhere: the equivalences are exact up to rounding
 DT = torch.float64
@@ -140,10 +141,10 @@ def test_sdpa_bias_changes_the_result():
     assert (K.sdpa(q, k, v, 2, bias) - K.sdpa(q, k, v, 2)).abs().max() > 1e-3
 
 
-def test_default_attn_is_unbiased_sdpa():
+def test_sdpa_without_bias_is_plain_attention():
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, 5, 24, generator=g, dtype=DT) for _ in range(3))
-    torch.testing.assert_close(K.default_attn(q, k, v, 3), naive_attention(q, k, v, 3), rtol=0, atol=ATOL)
+    torch.testing.assert_close(K.sdpa(q, k, v, 3), naive_attention(q, k, v, 3), rtol=0, atol=ATOL)
 
 
 # ------------------------------------------------------------------------------- concat (dilute): the proof
@@ -165,12 +166,12 @@ KIND_SETS = [
 def test_concat_equals_official_zero_token_semantics(kinds, proj_bias, merged):
     case = Case(kinds, batch=2, bias=proj_bias, seed=len(kinds) + 7 * proj_bias)
     refs = case.project(dilute=True, merged=merged)
-    out = K.joint_attention(case.q, case.k, case.v, HEADS, refs, K.default_attn)
+    out = K.joint_attention(case.q, case.k, case.v, HEADS, refs, K.sdpa)
     torch.testing.assert_close(out, case.naive_concat(), rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("attn_fn", [K.default_attn, naive_attn_fn], ids=["default_attn", "naive_attn"])
+@pytest.mark.parametrize("attn_fn", [K.sdpa, naive_attn_fn], ids=["sdpa", "naive_attn"])
 def test_concat_batch_and_attn_fn(batch, attn_fn):
     case = Case(("binary", "soft"), batch=batch, bias=True, seed=11)
     out = K.joint_attention(case.q, case.k, case.v, HEADS, case.project(), attn_fn)
@@ -229,12 +230,13 @@ def test_project_references_no_dropped_no_bias():
 
 
 # ------------------------------------------------------------------------------------------------------ strict
-@pytest.mark.parametrize("kinds", [("binary",), ("soft",), ("binary", "all", "soft"), ("none",)], ids=lambda k: "+".join(k))
+@pytest.mark.parametrize("kinds", [("binary",), ("soft",), ("binary", "all", "soft"), ("none",)],
+                         ids=lambda k: "+".join(k))
 @pytest.mark.parametrize("proj_bias", [False, True], ids=["nobias", "bias"])
 def test_strict_excludes_masked_tokens(kinds, proj_bias):
     case = Case(kinds, bias=proj_bias, seed=21)
     refs = case.project(dilute=False)
-    out = K.joint_attention(case.q, case.k, case.v, HEADS, refs, K.default_attn)
+    out = K.joint_attention(case.q, case.k, case.v, HEADS, refs, K.sdpa)
     torch.testing.assert_close(out, case.naive_concat(strict=True), rtol=0, atol=ATOL)
 
 
@@ -246,8 +248,8 @@ def test_strict_everything_masked_is_plain_attention_bit_for_bit(kinds):
     assert K.project_references(tokens, dropped, case.to_k, case.to_v, dilute=False) is None
     refs = case.project(dilute=False, merged=False)
     assert refs == []
-    plain = K.default_attn(case.q, case.k, case.v, HEADS)
-    assert torch.equal(K.joint_attention(case.q, case.k, case.v, HEADS, refs, K.default_attn), plain)
+    plain = K.sdpa(case.q, case.k, case.v, HEADS)
+    assert torch.equal(K.joint_attention(case.q, case.k, case.v, HEADS, refs, K.sdpa), plain)
     torch.testing.assert_close(plain, case.naive_plain(), rtol=0, atol=ATOL)
 
 
@@ -256,7 +258,7 @@ def test_dilute_everything_masked_still_dilutes():
     case = Case(("all",), bias=False, seed=23)
     refs = case.project(dilute=True)
     assert len(refs) == 1 and refs[0].length == 1
-    out = K.joint_attention(case.q, case.k, case.v, HEADS, refs, K.default_attn)
+    out = K.joint_attention(case.q, case.k, case.v, HEADS, refs, K.sdpa)
     expected = case.naive_concat()
     torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
     assert (expected - case.naive_plain()).abs().max() > 1e-3
@@ -269,7 +271,7 @@ def test_dilute_everything_masked_still_dilutes():
 def test_strength_multiplies_reference_attention_mass(strength, dilute, kinds):
     case = Case(kinds, bias=True, seed=31)
     refs = case.project(strength=strength, dilute=dilute)
-    out = K.joint_attention(case.q, case.k, case.v, HEADS, refs, K.default_attn)
+    out = K.joint_attention(case.q, case.k, case.v, HEADS, refs, K.sdpa)
     expected = case.naive_concat(strict=not dilute, strength=strength)
     torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
     assert (expected - case.naive_concat(strict=not dilute)).abs().max() > 1e-4
@@ -289,7 +291,7 @@ def test_strength_zero_gives_no_references(strength):
 def test_blend_matches_mimicbrush_formula(ratio, kinds):
     case = Case(kinds, bias=False, seed=41)
     (refs,) = case.project(dilute=True)
-    out = K.blend_attention(case.q, case.k, case.v, HEADS, refs, ratio, K.default_attn)
+    out = K.blend_attention(case.q, case.k, case.v, HEADS, refs, ratio, K.sdpa)
     expected = ratio * case.naive_concat() + (1 - ratio) * case.naive_plain()
     torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
 
@@ -297,13 +299,18 @@ def test_blend_matches_mimicbrush_formula(ratio, kinds):
 def test_blend_ratio_one_is_concat_and_zero_is_plain():
     case = Case(("soft",), bias=True, seed=42)
     (refs,) = case.project(dilute=True)
-    one = K.blend_attention(case.q, case.k, case.v, HEADS, refs, 1.0, K.default_attn)
-    zero = K.blend_attention(case.q, case.k, case.v, HEADS, refs, 0.0, K.default_attn)
+    one = K.blend_attention(case.q, case.k, case.v, HEADS, refs, 1.0, K.sdpa)
+    zero = K.blend_attention(case.q, case.k, case.v, HEADS, refs, 0.0, K.sdpa)
     torch.testing.assert_close(one, case.naive_concat(), rtol=0, atol=ATOL)
     torch.testing.assert_close(zero, case.naive_plain(), rtol=0, atol=ATOL)
 
 
 # -------------------------------------------------------------------------------------------------------- dual
+def dual_attention(case, refs, lam):
+    """The reader's dual mode on one group of rows: Attn(x, x) + lambda * the dual term."""
+    return R.compose(case.q, case.k, case.v, HEADS, [R.ActivePatch(R.DUAL, refs, weight=lam)], K.sdpa)
+
+
 def naive_dual(case, garments, wk2, wv2, lam):
     plain = case.naive_plain()
     q = proj(case.to_q, case.x)
@@ -320,7 +327,7 @@ def test_dual_matches_anydressing_formula(proj_bias):
     wk2, wv2 = linear(101, proj_bias), linear(102, proj_bias)  # W' != W
     with torch.no_grad():
         refs = K.project_references(garments, 0, wk2, wv2)
-    out = K.dual_attention(case.q, case.k, case.v, HEADS, refs, 0.7, K.default_attn)
+    out = dual_attention(case, refs, 0.7)
     expected = naive_dual(case, garments, wk2, wv2, 0.7)
     torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
     # the separate projections matter: the same formula with W instead of W' is different
@@ -333,8 +340,8 @@ def test_dual_lambda_zero_is_plain_attention():
     wk2, wv2 = linear(103, False), linear(104, False)
     with torch.no_grad():
         refs = K.project_references(garments, 0, wk2, wv2)
-    out = K.dual_attention(case.q, case.k, case.v, HEADS, refs, 0.0, K.default_attn)
-    assert torch.equal(out, K.default_attn(case.q, case.k, case.v, HEADS))
+    out = dual_attention(case, refs, 0.0)
+    assert torch.equal(out, K.sdpa(case.q, case.k, case.v, HEADS))
     torch.testing.assert_close(out, case.naive_plain(), rtol=0, atol=ATOL)
 
 
@@ -344,7 +351,7 @@ def test_dual_term_with_strength():
     wk2, wv2 = linear(105, True), linear(106, True)
     with torch.no_grad():
         refs = K.project_references(garments, 0, wk2, wv2, strength=2.0)
-    out = K.dual_term(case.q, HEADS, refs, K.default_attn)
+    out = K.dual_term(case.q, HEADS, refs, K.sdpa)
     q = proj(case.to_q, case.x)
     b = q.shape[0]
     # a uniform strength on every key of a separate attention cancels in the softmax
@@ -396,7 +403,7 @@ ALLOWED = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0], [1, 1, 1], [
 
 def test_region_dual_term_matches_naive_per_query_softmax():
     q, garments, wk2, wv2, refs = region_case(61)
-    out = K.region_dual_term(q, HEADS, refs, ALLOWED, K.default_attn)
+    out = K.region_dual_term(q, HEADS, refs, ALLOWED, K.sdpa)
     torch.testing.assert_close(out, naive_region_dual(q, garments, wk2, wv2, ALLOWED), rtol=0, atol=ATOL)
     assert torch.equal(out[:, 3], torch.zeros_like(out[:, 3]))  # a query in no region sees no garment
 
@@ -404,10 +411,10 @@ def test_region_dual_term_matches_naive_per_query_softmax():
 def test_region_dual_term_all_allowed_is_the_plain_dual_term_bit_for_bit():
     q, garments, wk2, wv2, refs = region_case(62)
     allowed = torch.ones(q.shape[1], 3, dtype=torch.bool)
-    assert torch.equal(K.region_dual_term(q, HEADS, refs, allowed, K.default_attn),
-                       K.dual_term(q, HEADS, refs, K.default_attn))
-    assert torch.equal(K.region_dual_term(q, HEADS, refs, None, K.default_attn),
-                       K.dual_term(q, HEADS, refs, K.default_attn))
+    assert torch.equal(K.region_dual_term(q, HEADS, refs, allowed, K.sdpa),
+                       K.dual_term(q, HEADS, refs, K.sdpa))
+    assert torch.equal(K.region_dual_term(q, HEADS, refs, None, K.sdpa),
+                       K.dual_term(q, HEADS, refs, K.sdpa))
 
 
 def test_region_dual_term_uses_attn_fn_and_keeps_the_bias():
@@ -431,7 +438,7 @@ def test_region_dual_term_uses_attn_fn_and_keeps_the_bias():
 
 def test_region_dual_term_garment_without_tokens_at_this_block():
     q, garments, wk2, wv2, refs = region_case(64, sizes=(5, 0, 4))
-    out = K.region_dual_term(q, HEADS, refs, ALLOWED, K.default_attn)
+    out = K.region_dual_term(q, HEADS, refs, ALLOWED, K.sdpa)
     torch.testing.assert_close(out, naive_region_dual(q, garments, wk2, wv2, ALLOWED), rtol=0, atol=ATOL)
     assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))  # only garment 1 allowed, and it has no tokens
 
@@ -439,38 +446,10 @@ def test_region_dual_term_garment_without_tokens_at_this_block():
 def test_region_dual_term_bad_shapes():
     q, _, _, _, refs = region_case(65)
     with pytest.raises(ValueError, match="region pattern"):
-        K.region_dual_term(q, HEADS, refs, ALLOWED[:, :2], K.default_attn)
+        K.region_dual_term(q, HEADS, refs, ALLOWED[:, :2], K.sdpa)
     bad = K.ProjectedReferences(refs.k, refs.v, None, (1, 2))
     with pytest.raises(ValueError, match="segments"):
-        K.region_dual_term(q, HEADS, bad, ALLOWED[:, :2], K.default_attn)
-
-
-def test_dual_attention_weights_match_naive_and_vanish_outside_regions():
-    q, garments, wk2, wv2, refs = region_case(66)
-    probs = K.dual_attention_weights(q, HEADS, refs, ALLOWED)
-    owners = torch.repeat_interleave(torch.arange(3), torch.tensor(refs.segments))
-    d = C // HEADS
-    kk = proj(wk2, torch.cat(garments))
-    for i in range(q.shape[1]):
-        ok = ALLOWED[i, owners]
-        # no mass on keys of garments outside this query's regions; rows sum to 1 where anything is allowed
-        assert torch.equal(probs[:, :, i, ~ok], torch.zeros_like(probs[:, :, i, ~ok]))
-        sums = probs[:, :, i].sum(-1)
-        torch.testing.assert_close(sums, torch.full_like(sums, 1.0 if ok.any() else 0.0), rtol=0, atol=ATOL)
-        if ok.any():
-            for h in range(HEADS):
-                cols = slice(h * d, (h + 1) * d)
-                logits = kk[ok][:, cols] @ q[0, i, cols] / math.sqrt(d)
-                expected = torch.softmax(logits, dim=0)
-                torch.testing.assert_close(probs[0, h, i, ok], expected, rtol=0, atol=ATOL)
-    # the kernel's output is exactly these weights times the values
-    vv = proj(wv2, torch.cat(garments))
-    split = vv.reshape(-1, HEADS, d).transpose(0, 1)  # [heads, M, d]
-    via_probs = (probs @ split).transpose(1, 2).reshape(q.shape)
-    torch.testing.assert_close(K.region_dual_term(q, HEADS, refs, ALLOWED, K.default_attn), via_probs,
-                               rtol=0, atol=ATOL)
-    unrestricted = K.dual_attention_weights(q, HEADS, refs)
-    torch.testing.assert_close(unrestricted.sum(-1), torch.ones_like(unrestricted.sum(-1)), rtol=0, atol=ATOL)
+        K.region_dual_term(q, HEADS, bad, ALLOWED[:, :2], K.sdpa)
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -1,8 +1,11 @@
 """Mask projection onto block grids against hand-computed grids and naive float64 loop implementations."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from naive import naive_parts2whole
 from torch import nn
 
 from humanref.attention import masks as M
@@ -11,6 +14,15 @@ DT = torch.float64
 
 
 # ------------------------------------------------------------------------------------------------------- grids
+def parts2whole_grid(height: int, width: int, tokens: int) -> tuple[int, int]:
+    """The official grid rule: scale s = 2^ceil(log2(HW/N)/2), grid = (ceil(H/s), ceil(W/s)).
+
+    The engine takes each block's grid from the block itself; this rule is the reference it must agree with.
+    """
+    s = 2 ** math.ceil(0.5 * math.log2(height * width / tokens))
+    return math.ceil(height / s), math.ceil(width / s)
+
+
 @pytest.mark.parametrize(
     "height,width,grid",
     [
@@ -25,7 +37,7 @@ DT = torch.float64
     ],
 )
 def test_parts2whole_grid_hand_computed(height, width, grid):
-    assert M.parts2whole_grid(height, width, grid[0] * grid[1]) == grid
+    assert parts2whole_grid(height, width, grid[0] * grid[1]) == grid
 
 
 def _unet_grids(h, w, levels=4):
@@ -47,27 +59,10 @@ def test_parts2whole_grid_matches_unet_downsampling(pixels):
     if pixels == (680, 512):
         assert grids == [(85, 64), (43, 32), (22, 16), (11, 8)]
     for gh, gw in grids:
-        assert M.parts2whole_grid(height, width, gh * gw) == (gh, gw)
+        assert parts2whole_grid(height, width, gh * gw) == (gh, gw)
 
 
 # ------------------------------------------------------------------------------------------ parts2whole weights
-def naive_parts2whole(mask, grid):
-    """Nearest resize (source index floor(i*H/h)), 3x3 box sum with zero padding, clamp to [0,1], flatten."""
-    r, big_h, big_w = mask.shape
-    h, w = grid
-    out = torch.zeros(r, h * w, dtype=DT)
-    for ri in range(r):
-        small = [[float(mask[ri, (i * big_h) // h, (j * big_w) // w]) for j in range(w)] for i in range(h)]
-        for i in range(h):
-            for j in range(w):
-                s = 0.0
-                for di in (-1, 0, 1):
-                    for dj in (-1, 0, 1):
-                        ii, jj = i + di, j + dj
-                        if 0 <= ii < h and 0 <= jj < w:
-                            s += small[ii][jj]
-                out[ri, i * w + j] = min(max(s, 0.0), 1.0)
-    return out
 
 
 def _masks(kind, r, height, width, seed):

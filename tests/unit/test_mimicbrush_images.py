@@ -4,8 +4,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from humanref.pipelines.mimicbrush.images import (Box, black_fill, blur_mask, crop_around, mask_box, pad_to_square,
-                                                  paste_back, resize_mask_binary, square_offsets, unpad)
+from humanref.pipelines.mimicbrush.images import (
+    Box,
+    black_fill,
+    blur_mask,
+    crop_around,
+    mask_box,
+    pad_to_square,
+    paste_back,
+    resize_mask_binary,
+    square_offsets,
+    unpad,
+)
 
 
 def test_pad_to_square_centres_like_the_official_pil_paste():

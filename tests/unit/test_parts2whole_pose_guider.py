@@ -1,18 +1,9 @@
 """Pose guider against the official layer sequence written with plain conv2d calls; key checks."""
 import pytest
 import torch
-import torch.nn.functional as F
+from naive import pose_guider_forward
 
 from humanref.pipelines.parts2whole.pose_guider import PoseGuider, load_pose_guider
-
-
-def official_forward(sd, x):
-    """conv_in + SiLU, then (3x3 conv, SiLU, stride-2 3x3 conv, SiLU) per step, then conv_out."""
-    x = F.silu(F.conv2d(x.double(), sd["conv_in.weight"].double(), sd["conv_in.bias"].double(), padding=1))
-    for i in range(6):
-        x = F.silu(F.conv2d(x, sd[f"blocks.{i}.weight"].double(), sd[f"blocks.{i}.bias"].double(),
-                            stride=1 + i % 2, padding=1))
-    return F.conv2d(x, sd["conv_out.weight"].double(), sd["conv_out.bias"].double(), padding=1)
 
 
 def release_state_dict(seed=0, out=320):
@@ -36,7 +27,7 @@ def test_release_keys_and_forward():
     x = torch.rand(1, 3, 48, 32)
     out = guider(x)
     assert out.shape == (1, 320, 6, 4)
-    assert torch.allclose(out.double(), official_forward(sd, x), atol=1e-5)
+    assert torch.allclose(out.double(), pose_guider_forward(sd, x.double()), atol=1e-5)
 
 
 def test_param_count_matches_the_release_file_size():

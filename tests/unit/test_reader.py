@@ -6,16 +6,14 @@ is covered by test_kernels). The end-to-end bank test uses arbitrary masks.
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from torch import nn
+from naive import linear as naive_linear  # noqa: F401
+from naive import naive_attention, proj
 
 from humanref.attention import bank as BK
 from humanref.attention import kernels as K
 from humanref.attention import reader as R
-from naive import linear as naive_linear, naive_attention, proj  # noqa: F401
 
 ATOL = 1e-10
 DT = torch.float64
@@ -40,7 +38,7 @@ class Block:
             self.q, self.k, self.v = self.to_q(self.x), self.to_k(self.x), self.to_v(self.x)
 
     def plain(self):
-        return K.default_attn(self.q, self.k, self.v, HEADS)
+        return K.sdpa(self.q, self.k, self.v, HEADS)
 
     def naive(self, ref_token_sets, rows=None):
         """Naive attention of the given rows with K/V source [own tokens, *ref_token_sets] (official tokens)."""
@@ -96,7 +94,7 @@ def test_no_layers_is_plain_attention_bit_for_bit(layout):
 
     def spy(q, k, v, heads):
         calls.append(q.shape[0])
-        return K.default_attn(q, k, v, heads)
+        return K.sdpa(q, k, v, heads)
 
     out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [], spy)
     assert torch.equal(out, blk.plain())
@@ -109,8 +107,8 @@ def test_no_layers_is_plain_attention_bit_for_bit(layout):
 def test_cfg_layouts_cond_gets_references_uncond_is_plain(layout, mode):
     blk = Block(PER_CHUNK * len(layout), seed=2)
     ref = Ref(10)
-    layer = R.ActiveLayer(mode, ref.project(blk, dilute=(mode == "concat")))
-    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [layer], K.default_attn)
+    layer = R.ActivePatch(R.MODES[mode], ref.project(blk, dilute=(mode == "concat")))
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [layer], K.sdpa)
     assert out.shape == blk.q.shape
     cond, uncond = _rows(layout, 0), _rows(layout, 1)
     tokens = ref.official() if mode == "concat" else ref.strict()
@@ -124,8 +122,8 @@ def test_cfg_layouts_cond_gets_references_uncond_is_plain(layout, mode):
 def test_layout_none_counts_as_cond():
     blk = Block(3, seed=3)
     ref = Ref(11)
-    layer = R.ActiveLayer("concat", ref.project(blk))
-    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, None, [layer], K.default_attn)
+    layer = R.ActivePatch(R.CONCAT, ref.project(blk))
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, None, [layer], K.sdpa)
     torch.testing.assert_close(out, blk.naive([ref.official()]), rtol=0, atol=ATOL)
 
 
@@ -133,8 +131,8 @@ def test_layout_none_counts_as_cond():
 def test_uncond_layer_applies_to_uncond_rows(layout):
     blk = Block(PER_CHUNK * len(layout), seed=4)
     ref = Ref(12)
-    layer = R.ActiveLayer("concat", ref.project(blk), uncond=True)
-    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [layer], K.default_attn)
+    layer = R.ActivePatch(R.CONCAT, ref.project(blk), uncond=True)
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [layer], K.sdpa)
     torch.testing.assert_close(out, blk.naive([ref.official()]), rtol=0, atol=ATOL)
 
 
@@ -142,8 +140,8 @@ def test_mixed_uncond_flags():
     layout = [1, 0, 0]
     blk = Block(PER_CHUNK * len(layout), seed=5)
     both, cond_only = Ref(13), Ref(14, m=7)
-    layers = [R.ActiveLayer("concat", both.project(blk), uncond=True), R.ActiveLayer("concat", cond_only.project(blk))]
-    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, layers, K.default_attn)
+    layers = [R.ActivePatch(R.CONCAT, both.project(blk), uncond=True), R.ActivePatch(R.CONCAT, cond_only.project(blk))]
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, layers, K.sdpa)
     cond, uncond = _rows(layout, 0), _rows(layout, 1)
     torch.testing.assert_close(out[uncond], blk.naive([both.official()], uncond), rtol=0, atol=ATOL)
     torch.testing.assert_close(out[cond], blk.naive([both.official(), cond_only.official()], cond), rtol=0, atol=ATOL)
@@ -153,8 +151,8 @@ def test_two_concat_layers_are_one_joint_attention():
     layout = [1, 0]
     blk = Block(4, seed=6)
     r1, r2 = Ref(15), Ref(16, m=6)
-    layers = [R.ActiveLayer("concat", r1.project(blk)), R.ActiveLayer("concat", r2.project(blk))]
-    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, layers, K.default_attn)
+    layers = [R.ActivePatch(R.CONCAT, r1.project(blk)), R.ActivePatch(R.CONCAT, r2.project(blk))]
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, layers, K.sdpa)
     cond, uncond = _rows(layout, 0), _rows(layout, 1)
     torch.testing.assert_close(out[cond], blk.naive([r1.official(), r2.official()], cond), rtol=0, atol=ATOL)
     assert torch.equal(out[uncond], blk.plain()[uncond])
@@ -166,8 +164,8 @@ def test_two_concat_layers_are_one_joint_attention():
 def test_concat_and_strict_layers_join_one_key_set():
     blk = Block(2, seed=7)
     r1, r2 = Ref(17), Ref(18)
-    layers = [R.ActiveLayer("concat", r1.project(blk)), R.ActiveLayer("strict", r2.project(blk, dilute=False))]
-    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, [0], layers, K.default_attn)
+    layers = [R.ActivePatch(R.CONCAT, r1.project(blk)), R.ActivePatch(R.STRICT, r2.project(blk, dilute=False))]
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, [0], layers, K.sdpa)
     torch.testing.assert_close(out, blk.naive([r1.official(), r2.strict()]), rtol=0, atol=ATOL)
 
 
@@ -176,8 +174,8 @@ def test_blend_alone_is_mimicbrush(ratio):
     layout = [1, 0]
     blk = Block(4, seed=8)
     ref = Ref(19, weights=torch.ones(9, dtype=DT))  # MimicBrush: unmasked reference
-    layer = R.ActiveLayer("blend", ref.project(blk), weight=ratio)
-    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [layer], K.default_attn)
+    layer = R.ActivePatch(R.BLEND, ref.project(blk), weight=ratio)
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [layer], K.sdpa)
     cond, uncond = _rows(layout, 0), _rows(layout, 1)
     expected = ratio * blk.naive([ref.official()], cond) + (1 - ratio) * blk.naive([], cond)
     torch.testing.assert_close(out[cond], expected, rtol=0, atol=ATOL)
@@ -190,8 +188,8 @@ def test_concat_plus_blend_follows_documented_rule(ratio):
     references added, against it by its ratio."""
     blk = Block(2, seed=9)
     rc, rb = Ref(20), Ref(21, m=8)
-    layers = [R.ActiveLayer("blend", rb.project(blk), weight=ratio), R.ActiveLayer("concat", rc.project(blk))]
-    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, [0], layers, K.default_attn)
+    layers = [R.ActivePatch(R.BLEND, rb.project(blk), weight=ratio), R.ActivePatch(R.CONCAT, rc.project(blk))]
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, [0], layers, K.sdpa)
     joint = blk.naive([rc.official()])
     with_blend = blk.naive([rc.official(), rb.official()])
     torch.testing.assert_close(out, ratio * with_blend + (1 - ratio) * joint, rtol=0, atol=ATOL)
@@ -204,10 +202,10 @@ def test_concat_plus_dual(lam):
     garments = Ref(23, m=10, weights=torch.ones(10, dtype=DT))
     wk2, wv2 = linear(201), linear(202)
     layers = [
-        R.ActiveLayer("dual", garments.project(blk, to_k=wk2, to_v=wv2), weight=lam),
-        R.ActiveLayer("concat", rc.project(blk)),
+        R.ActivePatch(R.DUAL, garments.project(blk, to_k=wk2, to_v=wv2), weight=lam),
+        R.ActivePatch(R.CONCAT, rc.project(blk)),
     ]
-    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, [0], layers, K.default_attn)
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, [0], layers, K.sdpa)
     q = proj(blk.to_q, blk.x)
     k2 = proj(wk2, garments.feats)[None].expand(2, -1, -1)
     v2 = proj(wv2, garments.feats)[None].expand(2, -1, -1)
@@ -220,8 +218,8 @@ def test_dual_alone_with_cfg():
     blk = Block(4, seed=11)
     garments = Ref(24, m=10, weights=torch.ones(10, dtype=DT))
     wk2, wv2 = linear(203), linear(204)
-    layer = R.ActiveLayer("dual", garments.project(blk, to_k=wk2, to_v=wv2), weight=0.7)
-    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [layer], K.default_attn)
+    layer = R.ActivePatch(R.DUAL, garments.project(blk, to_k=wk2, to_v=wv2), weight=0.7)
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [layer], K.sdpa)
     cond, uncond = _rows(layout, 0), _rows(layout, 1)
     q = proj(blk.to_q, blk.x[cond])
     k2 = proj(wk2, garments.feats)[None].expand(len(cond), -1, -1)
@@ -236,24 +234,24 @@ def test_strict_everything_masked_gives_plain_attention_bit_for_bit():
     ref = Ref(25, weights=torch.zeros(9, dtype=DT))
     refs = ref.project(blk, dilute=False)
     assert refs is None  # nothing to attend: the host builds no layer
-    layers = [] if refs is None else [R.ActiveLayer("strict", refs)]
-    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, [1, 0], layers, K.default_attn)
+    layers = [] if refs is None else [R.ActivePatch(R.STRICT, refs)]
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, [1, 0], layers, K.sdpa)
     assert torch.equal(out, blk.plain())
 
 
 @pytest.mark.parametrize("layout", [[1, 0], [1]], ids=str)
 def test_unknown_mode_raises(layout):
     blk = Block(2, seed=13)
-    layer = R.ActiveLayer("add", Ref(26).project(blk))
-    with pytest.raises(ValueError, match=r"unknown injection mode 'add'.*concat.*strict.*blend.*dual"):
-        R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [layer], K.default_attn)
+    with pytest.raises(ValueError, match=r"unknown mode 'add'.*concat.*strict.*blend.*dual"):
+        layer = R.ActivePatch(R.mode_named("add"), Ref(26).project(blk))
+        R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [layer], K.sdpa)
 
 
 def test_indivisible_batch_raises():
     blk = Block(3, seed=14)
-    layer = R.ActiveLayer("concat", Ref(27).project(blk))
+    layer = R.ActivePatch(R.CONCAT, Ref(27).project(blk))
     with pytest.raises(ValueError, match="cannot be split into 2 CFG chunks"):
-        R.reference_attention(blk.q, blk.k, blk.v, HEADS, [1, 0], [layer], K.default_attn)
+        R.reference_attention(blk.q, blk.k, blk.v, HEADS, [1, 0], [layer], K.sdpa)
 
 
 def test_end_to_end_bank_masks_to_reader():
@@ -272,7 +270,7 @@ def test_end_to_end_bank_masks_to_reader():
     merged = BK.merge_captured(captured)
     with torch.no_grad():
         refs = K.project_references(merged.tokens, merged.dropped, blk.to_k, blk.to_v)
-    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, [1, 0], [R.ActiveLayer("concat", refs)], K.default_attn)
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, [1, 0], [R.ActivePatch(R.CONCAT, refs)], K.sdpa)
 
     official = []
     for mask, f in zip(masks, feats):
@@ -300,8 +298,8 @@ def test_dual_with_regions_confines_each_garment_and_gates_cfg():
         refs = K.project_references(torch.cat([g1.feats, g2.feats]), 0, wk2, wv2)
     refs = K.ProjectedReferences(refs.k, refs.v, refs.bias, (6, 4))
     allowed = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0], [1, 0]], dtype=torch.bool)  # N_OWN = 5 queries
-    layer = R.ActiveLayer("dual", refs, weight=0.7, allowed=allowed)
-    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [layer], K.default_attn)
+    layer = R.ActivePatch(R.DUAL, refs, weight=0.7, allowed=allowed)
+    out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [layer], K.sdpa)
     cond, uncond = _rows(layout, 0), _rows(layout, 1)
     q = proj(blk.to_q, blk.x[cond])
     expected = blk.naive([], cond)
@@ -320,6 +318,16 @@ def test_dual_with_regions_confines_each_garment_and_gates_cfg():
 def test_regions_on_a_non_dual_layer_raise():
     blk = Block(2, seed=14)
     refs = Ref(27).project(blk)
-    layer = R.ActiveLayer("concat", refs, allowed=torch.ones(N_OWN, 1, dtype=torch.bool))
+    layer = R.ActivePatch(R.CONCAT, refs, allowed=torch.ones(N_OWN, 1, dtype=torch.bool))
     with pytest.raises(ValueError, match="dual mode only"):
-        R.reference_attention(blk.q, blk.k, blk.v, HEADS, [0], [layer], K.default_attn)
+        R.reference_attention(blk.q, blk.k, blk.v, HEADS, [0], [layer], K.sdpa)
+
+
+def test_mode_table():
+    """The four modes as the patch node documents them (the names are saved in workflows)."""
+    assert list(R.MODES) == ["concat", "strict", "blend", "dual"]
+    assert [(m.joins_own_keys, m.dilutes, m.strength_is) for m in R.MODES.values()] == [
+        (True, True, R.Strength.MASS), (True, False, R.Strength.MASS), (True, True, R.Strength.RATIO),
+        (False, False, R.Strength.LAMBDA)]
+    assert [m.name for m in R.MODES.values() if m.takes_regions] == ["dual"]
+    assert R.mode_named("blend") is R.BLEND

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from humanref.cli.render import PAD, render_workflow
 
-WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "references.json"
+WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "1-references-portrait-from-photos.json"
 
 
 def test_render_places_every_node_and_colours_our_nodes():

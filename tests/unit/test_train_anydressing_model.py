@@ -2,7 +2,7 @@
 
 The writer processor must route each garment row to its own slot's LoRA; the reader processor must compute
 the engine's dual attention (attention/kernels.py) with masked-out garment tokens left out, and the garment
-attention mass the localization loss uses must equal the engine's ``dual_attention_weights`` summed per garment.
+attention mass the localization loss uses must equal the dual term's softmax probabilities summed per garment.
 """
 from __future__ import annotations
 
@@ -11,15 +11,20 @@ import os
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention
+from naive import naive_attention, naive_attention_probs
 
 from humanref.attention.bank import select_tokens
-from humanref.attention.kernels import ProjectedReferences, dual_attention_weights
 from humanref.attention.masks import project_mask
-from humanref.training.anydressing.model import (GarmentAdapters, GarmentAttnProcessor, ReaderPass, WriterPass,
-                                             dual_attention_with_mass, grids_for)
-from humanref.training.losses import localization_loss, texture_loss
+from humanref.training.anydressing.model import (
+    GarmentAdapters,
+    GarmentAttnProcessor,
+    ReaderPass,
+    WriterPass,
+    dual_attention_with_mass,
+    grids_for,
+)
 from humanref.training.loop import EpochSampler, find_resume, resolve_precision, step_generator
-from naive import naive_attention
+from humanref.training.losses import localization_loss, texture_loss
 
 DT = torch.float64
 C, HEADS, RANK = 16, 2, 3
@@ -96,10 +101,8 @@ def test_reader_is_the_engines_dual_attention_with_masked_tokens_left_out():
         dual = naive_attention(q[i:i + 1], (tokens @ wk.T)[None], (tokens @ wv.T)[None], HEADS)
         expected = to_out(attn, naive_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], HEADS) + 0.7 * dual)
         torch.testing.assert_close(out[i:i + 1], expected)
-        refs = ProjectedReferences((tokens @ wk.T)[None], (tokens @ wv.T)[None], None,
-                                   tuple(t.tokens.shape[0] for t in kept))
-        probs = dual_attention_weights(q[i:i + 1], HEADS, refs)  # the engine's [1, heads, N, M]
-        owners = torch.repeat_interleave(torch.arange(g), torch.tensor(refs.segments))
+        probs = naive_attention_probs(q[i:i + 1], (tokens @ wk.T)[None], HEADS)  # [1, heads, N, M]
+        owners = torch.repeat_interleave(torch.arange(g), torch.tensor([t.tokens.shape[0] for t in kept]))
         expected_mass = torch.stack([probs[..., owners == j].sum(-1) for j in range(g)], -1).mean(1)[0]
         torch.testing.assert_close(mass[i].T, expected_mass)
     rows = ReaderPass(writer, g, lam=0.7, grids=[GRID], rows=torch.tensor([0.0, 1.0]))

@@ -11,11 +11,24 @@ import pytest
 import torch
 from PIL import Image
 
+from humanref.training.anydressing.data import (
+    GarmentDataConfig,
+    GarmentDataset,
+    cover,
+    fit,
+    garment_samples,
+    validate_garment_dataset,
+)
 from humanref.training.augment import ColorAugment, augment_colors
-from humanref.training.datasets import (garment_samples, hand_samples, validate_garment_dataset,
-                                        validate_hand_dataset)
-from humanref.training.anydressing.data import GarmentDataConfig, GarmentDataset, cover, fit
-from humanref.training.hands.data import MASK_CHANNEL, HandDataConfig, HandDataset, drop_mask_channel
+from humanref.training.datasets import check_mask
+from humanref.training.hands.data import (
+    MASK_CHANNEL,
+    HandDataConfig,
+    HandDataset,
+    drop_mask_channel,
+    hand_samples,
+    validate_hand_dataset,
+)
 from humanref.training.synthetic import write_garment_dataset, write_hand_dataset
 
 
@@ -105,6 +118,26 @@ def test_the_validator_reports_every_problem_of_a_garment_dataset(tmp_path):
         validate_garment_dataset(root, "upper,upper")
     with pytest.raises(ValueError, match="slot names are letters"):
         validate_garment_dataset(root, "upper,lo wer")
+
+
+def test_check_mask_reports_one_problem_per_bad_mask_file(tmp_path):
+    def problems(path, size):
+        found = []
+        check_mask(str(path), size, "the image", "MISSING", "nothing kept", lambda p, m: found.append((p, m)))
+        return [m for _, m in found]
+
+    assert problems(tmp_path / "absent.png", (4, 3)) == ["MISSING"]
+    (tmp_path / "garbage.png").write_bytes(b"not an image")
+    assert problems(tmp_path / "garbage.png", (4, 3))[0].startswith("cannot be read as a mask image")
+    Image.new("L", (4, 3), 0).save(tmp_path / "black.png")
+    assert problems(tmp_path / "black.png", (4, 3)) == ["is empty (all black): nothing kept"]
+    assert problems(tmp_path / "black.png", (5, 3)) == ["is 4x3 but the image is 5x3"]  # size first
+    one = Image.new("L", (4, 3), 0)
+    one.putpixel((3, 2), 1)  # a single barely-white pixel is a mask
+    one.save(tmp_path / "one.png")
+    assert problems(tmp_path / "one.png", (4, 3)) == [] and problems(tmp_path / "one.png", None) == []
+    Image.new("RGBA", (4, 3), (255, 255, 255, 0)).save(tmp_path / "alpha.png")  # white pixels, alpha 0: empty
+    assert problems(tmp_path / "alpha.png", None) == ["is empty (all black): nothing kept"]
 
 
 def test_mask_channel_dropout_zero_fills_only_the_mask_channel_half_the_time():

@@ -1,6 +1,6 @@
 """GarmentsNet and DressingNet as attention processors on ONE frozen diffusers UNet (AnyDressing, paper 4.1-4.2).
 
-The semantics are the inference code's (``pipelines.garments`` + the engine's dual mode), re-expressed for
+The semantics are the inference code's (``pipelines.anydressing`` + the engine's dual mode), re-expressed for
 training with autograd:
 
 - writer pass (GarmentsNet): every garment is a batch row at t = 0, cross-attention output zero, and each
@@ -24,12 +24,12 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
+from ...attention.lora import slot_lora_delta
 from ...attention.masks import project_mask
-
-MASK_RULE = "parts2whole"  # pipelines.garments.MASK_RULE: the garment bank's token masks
-PROJS = ("q", "k", "v")
+from ...pipelines.anydressing.weights import MASK_RULE
 
 
 def grids_for(height: int, width: int, levels: int) -> list[tuple[int, int]]:
@@ -49,13 +49,11 @@ def grid_of(tokens: int, grids: Sequence[tuple[int, int]]) -> tuple[int, int]:
 
 
 def split_heads(t: Tensor, heads: int) -> Tensor:
-    b, n, c = t.shape
-    return t.view(b, n, heads, c // heads).transpose(1, 2)
+    return rearrange(t, "b n (h d) -> b h n d", h=heads)
 
 
 def merge_heads(t: Tensor) -> Tensor:
-    b, h, n, d = t.shape
-    return t.transpose(1, 2).reshape(b, n, h * d)
+    return rearrange(t, "b h n d -> b n (h d)")
 
 
 def dual_attention_with_mass(q: Tensor, k: Tensor, v: Tensor, heads: int, bias: Optional[Tensor],
@@ -123,10 +121,10 @@ class GarmentAdapters(nn.Module):
         """scale * up_s(down_s(x)) with each row's own slot s; x [rows, N, C]."""
         down = self.lora_down[index][proj][slot_ids].to(x.dtype)  # [rows, r, C]
         up = self.lora_up[index][proj][slot_ids].to(x.dtype)  # [rows, C, r]
-        return self.scale * torch.bmm(torch.bmm(x, down.transpose(1, 2)), up.transpose(1, 2))
+        return slot_lora_delta(x, down, up, self.scale)
 
     def export(self, comfy_paths: Sequence[str]) -> tuple[dict, dict]:
-        """(lora, dressing) in ``pipelines.garment_weights``' structures, keyed by ComfyUI block path."""
+        """(lora, dressing) in ``pipelines.anydressing.weights``' structures, keyed by ComfyUI block path."""
         from ...attention.kernels import LinearWeights
         from ...pipelines.anydressing.weights import SlotLoRA
 

@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..base import BaseModel, UNetTask, build_unet, ddim_scheduler, transformer_paths, vae_decode, \
-    vae_encode
-from .model import GarmentAdapters, ReaderPass, WriterPass, grids_for, install, module_widths
+from ..base import BaseModel, UNetTask, build_unet, ddim_scheduler, transformer_paths, vae_decode, vae_encode
 from ..losses import localization_loss, texture_loss
+from .model import GarmentAdapters, ReaderPass, WriterPass, grids_for, install, module_widths
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,27 @@
-"""Hand generator training examples: square crops around the hands, the 11-channel condition, the mask target.
+"""The hand generator's dataset: the folder format and its validator, and the training examples.
 
-The crop, the heatmaps and the keypoint masks are the inference code's own (``pipelines.hand_condition``),
-so the generator is trained on exactly the condition the HandGenerator node builds. Per sample (paper IV-A):
-one crop for both hands when their squares intersect, else one hand's crop at random; RGB shift and
-brightness/contrast on the photo; the condition's mask channel zero-filled with probability 0.5 (III-B).
+Folder (``--data DIR``; files of one sample share a name)::
+
+    DIR/images/<name>.png          a photo with one or two hands (any size; crops are cut around the hands)
+    DIR/keypoints/<name>.json      OpenPose JSON: people[i].hand_left_keypoints_2d / hand_right_keypoints_2d,
+                                   21 points x (x, y, confidence), pixels or normalised 0..1 (+ optional body)
+    DIR/masks/<name>.png           optional folder: the hand segmentation mask (white = hand), image-sized;
+                                   when the folder exists, every image needs one
+    DIR/captions/<name>.txt        the caption (UTF-8 text)
+
+Examples are square crops around the hands, the 11-channel condition and the mask target. The crop, the
+heatmaps and the keypoint masks are the inference code's own (``pipelines.hands.condition``), so the generator
+is trained on exactly the condition the HandGenerator node builds. Per sample (paper IV-A): one crop for both
+hands when their squares intersect, else one hand's crop at random; RGB shift and brightness/contrast on the
+photo; the condition's mask channel zero-filled with probability 0.5 (III-B).
 
 Randomness comes from a generator seeded by (seed, epoch, index), so an example is the same whichever
 worker builds it and a resumed run sees the same data it would have seen.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -17,15 +29,120 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ...pipelines.hands.condition import (CONDITION_CHANNELS, HandCrop, crop_image, hand_condition, keypoint_mask,
-                                        plan_crops)
-from ...pipelines.hands.keypoints import HANDS, Person
+from ...pipelines.hands.condition import (
+    CONDITION_CHANNELS,
+    HandCrop,
+    crop_image,
+    hand_condition,
+    keypoint_mask,
+    plan_crops,
+)
+from ...pipelines.hands.keypoints import HANDS, MIN_HAND_POINTS, Person, parse_pose
 from ..augment import ColorAugment, augment_colors
-from ..datasets import HandSample, read_caption, read_image, read_mask, read_pose
+from ..datasets import (
+    IMAGE_EXTENSIONS,
+    Problem,
+    Report,
+    check_caption,
+    check_mask,
+    check_samples,
+    image_size,
+    index_folder,
+    orphans,
+    read_caption,
+    read_image,
+    read_mask,
+    relative,
+    require_folder,
+)
 
 MASK_CHANNEL = CONDITION_CHANNELS - 1
 CROPS = ("auto", "none")
 MASK_SOURCES = ("files", "keypoints")
+
+
+@dataclass(frozen=True)
+class HandSample:
+    name: str
+    image: str
+    keypoints: str
+    mask: Optional[str]
+    caption: str
+
+
+def read_pose(path: str, width: int, height: int, min_confidence: float = 0.3) -> Person:
+    """The first person with a hand in an OpenPose JSON file, in pixels (the HandGenerator node's parser)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"is not valid JSON ({e})") from None
+    frames = parse_pose(data, "auto", min_confidence, width, height)
+    for person in frames[0].people:
+        if person.left_hand is not None or person.right_hand is not None:
+            return person
+    raise ValueError(f"has no person with a hand (at least {MIN_HAND_POINTS} keypoints of confidence >= "
+                     f"{min_confidence} in hand_left_keypoints_2d or hand_right_keypoints_2d)")
+
+
+def hand_samples(root: str, report: Optional[Report] = None) -> tuple[list[HandSample], Report]:
+    """The samples of a hand dataset folder (paths only; nothing decoded)."""
+    report = report or Report("hand", root)
+    if not os.path.isdir(root):
+        report.errors.append(Problem("", root, "is not a directory"))
+        return [], report
+    have_images = require_folder(root, "images", report, "the photos, images/<name>.png")
+    require_folder(root, "keypoints", report, "OpenPose JSON per image, keypoints/<name>.json")
+    require_folder(root, "captions", report, "a caption per image, captions/<name>.txt")
+    images = index_folder(os.path.join(root, "images"), root, report, IMAGE_EXTENSIONS)
+    keypoints = index_folder(os.path.join(root, "keypoints"), root, report, (".json",))
+    captions = index_folder(os.path.join(root, "captions"), root, report, (".txt",))
+    has_masks = os.path.isdir(os.path.join(root, "masks"))
+    masks = index_folder(os.path.join(root, "masks"), root, report, IMAGE_EXTENSIONS)
+    if have_images and not images:
+        report.errors.append(Problem("", "images/", "has no images"))
+    names = set(images)
+    for index, what in ((keypoints, "keypoint file"), (captions, "caption"), (masks, "mask")):
+        orphans(index, names, root, report, what)
+    samples = []
+    for name in sorted(images):
+        samples.append(HandSample(
+            name, images[name], keypoints.get(name, os.path.join(root, "keypoints", name + ".json")),
+            masks.get(name, os.path.join(root, "masks", name + ".png")) if has_masks else None,
+            captions.get(name, os.path.join(root, "captions", name + ".txt"))))
+    return samples, report
+
+
+def check_hand_sample(sample: HandSample, root: str, min_confidence: float = 0.3) -> list[Problem]:
+    """Every problem of one sample (empty list: trainable)."""
+    problems: list[Problem] = []
+
+    def bad(path: str, message: str) -> None:
+        problems.append(Problem(sample.name, relative(path, root), message))
+
+    size = image_size(sample.image, bad)
+    if not os.path.isfile(sample.keypoints):
+        bad(sample.keypoints, "missing keypoint file (OpenPose JSON with hand_left/right_keypoints_2d)")
+    elif size is not None:
+        try:
+            read_pose(sample.keypoints, size[0], size[1], min_confidence)
+        except ValueError as e:
+            bad(sample.keypoints, str(e).removeprefix("pose: "))
+    if sample.mask is not None:
+        check_mask(sample.mask, size, "the image",
+                   "missing mask (the masks/ folder exists, so every image needs its hand mask)", "no hand pixels",
+                   bad)
+    check_caption(sample.caption, bad)
+    return problems
+
+
+def validate_hand_dataset(root: str, min_confidence: float = 0.3, workers: Optional[int] = None) -> Report:
+    samples, report = hand_samples(root)
+    check_samples(samples, lambda s: check_hand_sample(s, root, min_confidence), report, workers)
+    if samples and not any(s.mask for s in samples):
+        report.warnings.append(Problem("", "masks/", "no masks/ folder: the mask head learns the keypoint-drawn "
+                                                     "hand silhouette (--mask-source keypoints)"))
+    return report
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Training the hand generator (paper III-B, IV-B) into HumanRef's layout (``pipelines.hand_weights``).
+"""Training the hand generator (paper III-B, IV-B) into HumanRef's layout (``pipelines.hands.weights``).
 
 The model is the SD1.5 UNet (diffusers) with a 15-channel ``conv_in`` (the checkpoint's 4 latent channels
 kept, 11 new condition channels randomly initialised) plus the mask head f_m. One step:
@@ -22,8 +22,7 @@ from torch import Tensor
 
 from ...pipelines.hands.condition import CONDITION_CHANNELS, downscale_condition
 from ...pipelines.hands.weights import ACTIVATIONS, IN_CHANNELS, MaskHead
-from ..base import (BaseModel, UNetTask, build_unet, ddim_scheduler, decoder_mid_features,
-                   vae_decode, vae_encode)
+from ..base import BaseModel, UNetTask, build_unet, ddim_scheduler, decoder_mid_features, vae_decode, vae_encode
 
 MASK_INPUTS = ("x0-estimate", "clean")
 CONV_IN_INITS = ("random", "zeros")
@@ -115,16 +114,13 @@ class HandTask(UNetTask):
 
     def load(self, path: str) -> None:
         """Weights back from a file in our layout (resume)."""
-        from safetensors import safe_open
-
         from ...pipelines.hands.weights import mask_head_from_state_dict, split_checkpoint
-        from ..base import ldm_to_diffusers
+        from ...pipelines.loading.diffusers_unet import diffusers_names
+        from ...pipelines.loading.files import read_state_dict
 
-        with safe_open(path, framework="pt", device="cpu") as f:
-            metadata = f.metadata()
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+        sd, metadata = read_state_dict(path)
         unet, head, meta = split_checkpoint(sd, metadata, path)
-        self.unet.load_state_dict(ldm_to_diffusers(self.base.unet_config, unet, path), strict=True)
+        self.unet.load_state_dict(diffusers_names(self.base.unet_config, unet, path), strict=True)
         loaded = mask_head_from_state_dict(head, meta.get("mask_activation", "clamp"), path)
         self.head.load_state_dict(loaded.state_dict())
 

@@ -1,0 +1,146 @@
+"""The training-free reference nodes: ReferenceEncoder (images -> REFERENCE_BANK) and MaskedSharedAttentionPatch."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..attention.bank import MAX_REFERENCES, TIMINGS, Timing
+from ..attention.blocks import BLOCK_SETS
+from ..attention.masks import MASK_RULES
+from ..attention.reader import MODES
+from ..pipelines.references.inputs import prepare_references
+from ..pipelines.references.patch import apply_reference_patch, build_reference_bank
+from .slots import collect_slots
+from .types import ReferenceBankType
+
+CATEGORY = "HumanRef/References"
+SLOTS = MAX_REFERENCES
+DEFAULT_LABELS = ("face", "upper body clothes", "lower body clothes", "hair or headwear", "shoes", "whole body clothes")
+
+
+class ReferenceEncoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        inputs = [
+            io.Model.Input("writer", tooltip="The model that reads the reference images. Without trained weights, "
+                                             "connect the same checkpoint you sample with."),
+            io.Vae.Input("vae", tooltip="Encodes the reference images: the VAE of the checkpoint you sample with."),
+            io.Clip.Input("clip", tooltip="Text encoder for the labels: each label tells the model what its "
+                                          "reference shows."),
+            io.Combo.Input("timing", options=list(TIMINGS), default="every step",
+                           tooltip="every step (default): the references are read again at every sampling step; "
+                                   "they are followed more closely and it suits ordinary checkpoints, at the cost of "
+                                   "an extra model pass per step. once at t=0: read once before sampling, much "
+                                   "faster; pick it for models trained to read clean references (Parts2Whole's "
+                                   "reference UNet). Technically: every step noises the reference to the current "
+                                   "sigma."),
+            io.Combo.Input("mask_rule", options=list(MASK_RULES), default="parts2whole",
+                           tooltip="How a mask is fitted to the model's coarser grids. parts2whole (default, the "
+                                   "official rule): the masked part is grown slightly, so thin parts and edges are "
+                                   "kept. area: edge cells count by how much of them is masked, for tighter, softer "
+                                   "edges."),
+            io.Int.Input("max_side", default=768, min=0, max=4096, step=8,
+                         tooltip="Long side the references are resized to before reading (aspect kept, multiple of "
+                                 "8). Larger keeps finer detail but costs memory and time; 512 to 1024 is typical. "
+                                 "0 keeps each image's size."),
+        ]
+        for i in range(1, SLOTS + 1):
+            first = "Required. " if i == 1 else ""
+            inputs += [
+                io.Image.Input(f"image_{i}", optional=i > 1,
+                               tooltip=f"{first}A reference to copy from (a face, a garment, ...), or a batch where "
+                                       "every image is one reference. At most 6 references in all."),
+                io.Mask.Input(f"mask_{i}", optional=True,
+                              tooltip=f"Optional: the part of image_{i} to use (white = use). Unconnected: the "
+                                      "whole image. Resized to the image if needed."),
+                io.String.Input(f"label_{i}", default=DEFAULT_LABELS[i - 1],
+                                tooltip=f"A few words on what image_{i} shows, e.g. 'face' or 'upper body "
+                                        "clothes'. For a batch: one line per image, or one line for all."),
+            ]
+        return io.Schema(
+            node_id="HumanRef_ReferenceEncoder",
+            display_name="Reference Encoder (HumanRef)",
+            category=CATEGORY,
+            description="Reads one to six reference images (each with an optional mask and a label) with a writer "
+                        "UNet into a reference bank for Masked Shared Attention Patch.",
+            inputs=inputs,
+            outputs=[ReferenceBankType.Output("reference_bank")],
+        )
+
+    @classmethod
+    def execute(cls, writer, vae, clip, timing, mask_rule, max_side, **slots) -> io.NodeOutput:
+        given = collect_slots(slots, SLOTS, ("image", "mask", "label"), {"label": DEFAULT_LABELS})
+        refs = prepare_references(given, max_side, MAX_REFERENCES)
+        return io.NodeOutput(build_reference_bank(writer, vae, clip, refs, Timing.from_label(timing, "timing"),
+                                                  mask_rule))
+
+
+class MaskedSharedAttentionPatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HumanRef_MaskedSharedAttentionPatch",
+            display_name="Masked Shared Attention Patch (HumanRef)",
+            category=CATEGORY,
+            description="Patches a copy of the model so that the picture being generated also looks at the "
+                        "references of a bank (shared self-attention; masked-out parts of a reference are left "
+                        "out). Chain several to combine banks.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model you sample with (LoRAs, ControlNets and IP-Adapters "
+                                                "still apply). It is not modified: a patched copy is output."),
+                ReferenceBankType.Input("reference_bank",
+                                        tooltip="What to copy from: a Reference Encoder's reference_bank, or a "
+                                                "Garment Encoder's garment_bank for dual mode. It must come from a "
+                                                "model of the same family (SD1.5 bank, SD1.5 model)."),
+                io.Combo.Input("mode", options=list(MODES), default="concat",
+                               tooltip="How the picture uses the references. concat (default): the picture looks "
+                                       "at the references alongside itself, as Parts2Whole was trained; right for "
+                                       "most uses. strict: the same, but the masked-out parts of a reference are "
+                                       "left out completely instead of taking some attention as empty parts, so "
+                                       "masked references act a little stronger. blend: mixes the result with "
+                                       "and without references by strength, for a softer, adjustable effect "
+                                       "(MimicBrush). "
+                                       "dual: an added, separate look at the garments; only for a garment bank "
+                                       "(AnyDressing). Technically: concat keeps masked-out tokens as zero keys "
+                                       "that dilute attention; dual is AnyDressing's Dressing-Attention with "
+                                       "W'_k, W'_v."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="How strongly the references show. concat/strict: 1 = as trained, 0 = off, "
+                                       "above 1 copies them more closely (1 to 2 is typical; high values distort). "
+                                       "blend: the share of the referenced result, 0 to 1 (0.5 = MimicBrush). dual: "
+                                       "the garments' weight, 0.7 as in AnyDressing (the paper's lambda); 0 = off."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="When the references start to act, as a fraction of sampling (0 = from the "
+                                       "first step). Starting later (0.2 to 0.4) keeps the prompt's composition and "
+                                       "takes mostly details from the references."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="When the references stop acting (1 = until the last step). Ending earlier "
+                                       "lets the last steps refine freely. At or below start_percent the references "
+                                       "never act."),
+                io.Combo.Input("blocks", options=list(BLOCK_SETS), default="all",
+                               tooltip="Which layers of the model look at the references. all (default, "
+                                       "Parts2Whole): every layer, the strongest effect. mid+up (MimicBrush): the "
+                                       "middle and decoder layers. down-only: the encoder layers. Fewer layers act "
+                                       "weaker and run faster. custom: the layers listed in custom_blocks."),
+                io.String.Input("custom_blocks", default="",
+                                tooltip="Only when blocks is custom: the layers that look at the references, comma "
+                                        "separated, e.g. 'input_4, middle_0, output_9.0' (name_id for a whole "
+                                        "block, name_id.index for one transformer of it)."),
+                io.Boolean.Input("uncond_sees_references", default=False,
+                                 tooltip="Off (default, as the papers): the negative prompt's pass ignores the "
+                                         "references, so CFG pushes the picture toward them. On: both passes see "
+                                         "them, and the references act less strongly."),
+                io.Mask.Input("region_masks", optional=True,
+                              tooltip="dual mode only: where each garment may appear in the picture, one mask per "
+                                      "reference in the bank's order (e.g. the torso for the upper garment); "
+                                      "outside its region a garment has no effect. Unconnected: the regions given "
+                                      "to the Garment Encoder, or anywhere."),
+            ],
+            outputs=[io.Model.Output("model")],
+        )
+
+    @classmethod
+    def execute(cls, model, reference_bank, mode, strength, start_percent, end_percent, blocks, custom_blocks,
+                uncond_sees_references, region_masks=None) -> io.NodeOutput:
+        patched = apply_reference_patch(model, reference_bank, mode, strength, start_percent, end_percent,
+                                        blocks, custom_blocks, uncond_sees_references, regions=region_masks)
+        return io.NodeOutput(patched)

@@ -1,0 +1,82 @@
+"""The runner's argument checks that need no server: --set names a real input; a pack copy in custom_nodes."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from humanref.cli.run import UsageError, apply_sets, check_input_name
+from humanref.cli.server import PACK_ROOT, LocalComfyUI, installed_copy
+
+KSAMPLER_INPUTS = ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative",
+                   "latent_image", "denoise"]
+
+
+def ksampler() -> dict:
+    return {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 20, "cfg": 7.0, "model": ["4", 0]}}
+
+
+def test_a_misspelt_input_is_an_error_listing_the_real_inputs():
+    with pytest.raises(UsageError) as e:
+        check_input_name("13", ksampler(), "stepz", KSAMPLER_INPUTS)
+    text = str(e.value)
+    assert "13.stepz" in text and "KSampler" in text and "did you mean 'steps'" in text
+    assert "its inputs are: model, seed, steps, cfg" in text
+
+
+def test_a_declared_input_not_yet_in_the_prompt_is_accepted():
+    check_input_name("13", ksampler(), "denoise", KSAMPLER_INPUTS)  # optional/absent in the prompt: still real
+
+
+def test_without_the_server_declarations_the_prompt_inputs_are_the_reference():
+    check_input_name("13", ksampler(), "steps", [])
+    with pytest.raises(UsageError, match="its inputs are: seed, steps, cfg, model"):
+        check_input_name("13", ksampler(), "stepz", [])
+
+
+def test_apply_sets_refuses_before_changing_anything():
+    prompt = {"13": ksampler()}
+    with pytest.raises(UsageError):
+        apply_sets(prompt, [("13", "steps", 4), ("13", "stepz", 4)], None)
+    assert prompt["13"]["inputs"]["steps"] == 4 and "stepz" not in prompt["13"]["inputs"]
+
+
+def fake_comfyui(root, pack_name: str = None, pyproject: str = None):
+    (root / "custom_nodes").mkdir(parents=True)
+    (root / "main.py").write_text("")
+    (root / "custom_nodes" / "some_other_pack").mkdir()
+    if pack_name:
+        folder = root / "custom_nodes" / pack_name
+        folder.mkdir()
+        (folder / "pyproject.toml").write_text(pyproject or '[project]\nname = "humanref"\nversion = "0.0.9"\n')
+    return root
+
+
+def test_a_humanref_copy_in_custom_nodes_is_found_whatever_its_folder_name(tmp_path):
+    comfy = fake_comfyui(tmp_path / "ComfyUI", "ComfyUI-HumanRef")
+    assert installed_copy(str(comfy)) == (os.path.realpath(comfy / "custom_nodes" / "ComfyUI-HumanRef"), "0.0.9")
+
+
+def test_other_packs_and_disabled_copies_are_not_taken_for_humanref(tmp_path):
+    comfy = fake_comfyui(tmp_path / "a", "other", '[project]\nname = "humanref-extras"\nversion = "1"\n')
+    assert installed_copy(str(comfy)) is None
+    comfy = fake_comfyui(tmp_path / "b", "humanref.disabled")
+    assert installed_copy(str(comfy)) is None
+
+
+def test_the_private_server_links_this_copy_only_when_comfyui_has_none(tmp_path):
+    import json
+
+    bare = LocalComfyUI(str(fake_comfyui(tmp_path / "bare")))
+    bare.tmp = str(tmp_path / "t1")
+    os.makedirs(bare.tmp)
+    config = json.loads(open(bare._write_config()).read())
+    link = os.path.join(config["humanref_pack"]["custom_nodes"], "humanref")
+    assert os.path.realpath(link) == str(PACK_ROOT)
+
+    with_copy = LocalComfyUI(str(fake_comfyui(tmp_path / "installed", "humanref")))
+    with_copy.tmp = str(tmp_path / "t2")
+    os.makedirs(with_copy.tmp)
+    config = json.loads(open(with_copy._write_config()).read())
+    assert "humanref_pack" not in config
+    assert not os.path.exists(os.path.join(with_copy.tmp, "custom_nodes", "humanref"))
