@@ -218,9 +218,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     except (ComfyError, ServerError) as e:
         print(f"error: {e}", file=err)
-        if server is None and str(e).startswith("cannot reach ComfyUI"):
-            print("hint: start ComfyUI first, give its address with --server URL, or let this command start a "
-                  "private one from a ComfyUI folder: --comfyui /path/to/ComfyUI", file=err)
+        if server is None and ("cannot reach ComfyUI" in str(e) or "cannot open the websocket" in str(e)):
+            print(f"hint: no ComfyUI answers at {args.server or DEFAULT_SERVER}: start ComfyUI first, give its "
+                  "address with --server URL, or let this command start a private one from a ComfyUI folder: "
+                  "--comfyui /path/to/ComfyUI", file=err)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("\ninterrupted", file=err)

@@ -1,6 +1,8 @@
 """Browser tier: ComfyUI's own frontend in headless chromium (Debian's, through Playwright) against one private
 ComfyUI server per session (humanref.cli.server.LocalComfyUI, as the e2e tier), with the pack and the tiny
-synthetic models installed under the file names the shipped workflows use.
+synthetic models installed under the file names the shipped workflows use; its input folder starts empty and gets
+the example inputs from the README's install step, run as written. A second server without models shows the
+missing-models dialog.
 
 Set HUMANREF_TINY_MODELS=DIR to reuse models written earlier by ``python -m humanref tiny-models DIR``. ComfyUI
 goes on sys.path (CPU mode) when pytest imports this file; the test modules are reported skipped with the reason

@@ -86,3 +86,20 @@ def controlnet(tiny_sd15_config):
     control = comfy.cldm.cldm.ControlNet(hint_channels=3, device="cpu", operations=comfy.ops.disable_weight_init, **cfg)
     control.load_state_dict({k.removeprefix("control_model."): v for k, v in sd.items()})
     return comfy.controlnet.ControlNet(control, load_device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def bank(tiny_model, clip_vae):
+    """A REFERENCE_BANK of the tiny model, encoded once at t=0 (helpers.make_bank)."""
+    from helpers import make_bank
+
+    return make_bank(tiny_model, clip_vae)
+
+
+@pytest.fixture(scope="module")
+def step_bank(tiny_model, clip_vae):
+    """The same references as an 'every step' bank (the writer reruns at each sigma)."""
+    from helpers import make_bank
+
+    return make_bank(tiny_model, clip_vae, timing="every step")
+

@@ -63,16 +63,6 @@ def tomesd_block(model, ratio: float = 0.5):
 LAYOUT_PATCHES = {"HyperTile": hypertile, "TomePatchModel": tome, "tomesd block merge": tomesd_block}
 
 
-@pytest.fixture(scope="module")
-def bank(tiny_model, clip_vae):
-    return make_bank(tiny_model, clip_vae)
-
-
-@pytest.fixture(scope="module")
-def step_bank(tiny_model, clip_vae):
-    return make_bank(tiny_model, clip_vae, timing="every step")
-
-
 @pytest.mark.parametrize("name", sorted(LAYOUT_PATCHES))
 def test_layout_patches_do_change_the_layout_and_run_alone(tiny_model, conds, name):
     """Sanity: each patch really changes what attn1 sees on this model, and samples fine without HumanRef."""

@@ -12,16 +12,6 @@ from humanref.pipelines.references.inputs import prepare_references
 from humanref.pipelines.references.patch import ReferenceAttnReplace, apply_reference_patch, build_reference_bank
 
 
-@pytest.fixture(scope="module")
-def bank(tiny_model, clip_vae):
-    return make_bank(tiny_model, clip_vae)
-
-
-@pytest.fixture(scope="module")
-def step_bank(tiny_model, clip_vae):
-    return make_bank(tiny_model, clip_vae, timing="every step")
-
-
 def test_patched_run_differs_and_uncond_chunk_is_unchanged(tiny_model, conds, bank):
     plain_rec, patched_rec = [], []
     plain = ksample(tiny_model, conds, LATENT, record=plain_rec)

@@ -49,7 +49,7 @@ def test_unreachable_server_suggests_starting_one(tmp_path):
     proc = humanref_cli("run", str(API_WORKFLOW), "--server", "http://127.0.0.1:9", "--out", str(tmp_path / "o"),
                         cwd=tmp_path)
     assert proc.returncode != 0
-    assert "cannot reach ComfyUI at http://127.0.0.1:9" in proc.stderr
+    assert "no ComfyUI answers at http://127.0.0.1:9" in proc.stderr
     assert "--comfyui /path/to/ComfyUI" in proc.stderr
 
 
