@@ -7,12 +7,15 @@ opens sockets or writes files.
 from __future__ import annotations
 
 __version__ = "0.1.0"
+WEB_DIRECTORY = "./web"  # the frontend extension: HumanRef warnings in a toast (web/humanref.js)
 
 
 async def comfy_entrypoint():
     """V3 entry point: ComfyUI calls this once when it loads the pack."""
     from .nodes.extension import HumanRefExtension
     from .nodes.model_files import register_model_folders
+    from .nodes.notices import install_fallback
 
     register_model_folders()
+    install_fallback()
     return HumanRefExtension()

@@ -206,6 +206,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         saved = save_outputs(client, result, args.out, include_temp=args.save_temp)
         for path in saved:
             print(path)
+        for nid, message in result.warnings():
+            kind = (prompt.get(nid) or {}).get("class_type", "?")
+            print(f"warning: node {nid} ({kind}): {message}", file=err)
         if not saved:
             print("warning: the prompt ran but produced no output files", file=err)
         print(f"done in {result.seconds:.1f} s: {len(saved)} file(s) in {args.out}", file=err)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import mimetypes
 import os
+import struct
 import time
 import urllib.error
 import urllib.parse
@@ -14,6 +15,8 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
+
+from ..pipelines.notices import MARK, UI_KEY
 
 
 class ComfyError(RuntimeError):
@@ -77,6 +80,38 @@ class RunResult:
     outputs: dict = field(default_factory=dict)
     cached: list = field(default_factory=list)
     seconds: float = 0.0
+    node_texts: dict = field(default_factory=dict)  # node id -> texts the node showed (progress text)
+
+    def warnings(self) -> list[tuple[str, str]]:
+        """(node id, message) for every warning of the run: the HumanRef nodes' ``humanref_warnings`` UI output
+        (in /history) and any other text a node showed while it ran (a warning given inside KSampler)."""
+        found: list[tuple[str, str]] = []
+        for nid, out in self.outputs.items():
+            for w in (out or {}).get(UI_KEY) or []:
+                found.append((str(nid), str(w)))
+        seen = {(nid, w) for nid, w in found}
+        for nid, texts in self.node_texts.items():
+            for text in texts:
+                for line in text.splitlines():
+                    line = line.removeprefix(MARK).strip()
+                    if line and (str(nid), line) not in seen:
+                        seen.add((str(nid), line))
+                        found.append((str(nid), line))
+        return found
+
+
+PROGRESS_TEXT = 3  # ComfyUI's binary websocket event: [u32 event][u32 len][node id][utf-8 text]
+
+
+def parse_progress_text(frame: bytes) -> Optional[tuple[str, str]]:
+    """(node id, text) from a binary websocket frame that is a node's progress text, else None."""
+    if len(frame) < 8 or struct.unpack(">I", frame[:4])[0] != PROGRESS_TEXT:
+        return None
+    (n,) = struct.unpack(">I", frame[4:8])
+    try:
+        return frame[8:8 + n].decode("utf-8"), frame[8 + n:].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 class ComfyClient:
@@ -203,6 +238,7 @@ class ComfyClient:
         deadline = start + timeout
         ws = self.connect_ws(timeout=min(30.0, timeout))
         cached: list = []
+        texts: dict[str, list[str]] = {}
         prompt_id = None
         try:
             prompt_id = self.queue_prompt(prompt, extra_data)
@@ -223,8 +259,13 @@ class ComfyClient:
                 except (websocket.WebSocketException, OSError):
                     done = self._poll_until_done(prompt_id, deadline)
                     break
-                if not isinstance(frame, str):
-                    continue  # binary frames carry previews
+                if not isinstance(frame, str):  # previews, and texts a node shows
+                    shown = parse_progress_text(frame) if prompt_id is not None else None
+                    if shown is not None:
+                        texts.setdefault(shown[0], []).append(shown[1])
+                        if on_event:
+                            on_event("progress_text", {"node": shown[0], "text": shown[1]})
+                    continue
                 try:
                     msg = json.loads(frame)
                 except ValueError:
@@ -266,7 +307,7 @@ class ComfyClient:
                 if kind == "execution_error":
                     raise ExecutionFailed(data)
             raise ComfyError(f"prompt {prompt_id} failed: {status}")
-        return RunResult(prompt_id, history, history.get("outputs") or {}, cached, time.monotonic() - start)
+        return RunResult(prompt_id, history, history.get("outputs") or {}, cached, time.monotonic() - start, texts)
 
     def _wait_history(self, prompt_id: str, deadline: float) -> dict:
         while True:

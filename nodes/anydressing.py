@@ -6,6 +6,7 @@ from comfy_api.latest import io
 from ..pipelines.anydressing.pipeline import build_garment_bank, garment_regions, prepare_garments
 from ..pipelines.anydressing.weights import load_garment_weights
 from .model_files import GARMENT_WEIGHTS, full_path, list_files
+from .notices import shows_warnings
 from .slots import collect_slots
 from .types import ReferenceBankType
 
@@ -63,6 +64,7 @@ class GarmentLoRAExtractor(io.ComfyNode):
         )
 
     @classmethod
+    @shows_warnings
     def execute(cls, writer, vae, garment_weights, max_side, **slots) -> io.NodeOutput:
         given = collect_slots(slots, GARMENTS, ("garment", "mask", "slot", "region"), {"slot": DEFAULT_SLOTS})
         garments = prepare_garments([(i, image, mask, slot) for i, image, mask, slot, _ in given], max_side)

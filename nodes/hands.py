@@ -12,6 +12,7 @@ from ..pipelines.hands.mask_expand import BLENDINGS, SCHEDULES, Blending
 from ..pipelines.hands.outpaint import OutpaintOptions, outpaint
 from ..pipelines.hands.weights import load_hand_generator
 from .model_files import HAND_GENERATOR, full_path, list_files
+from .notices import shows_warnings
 from .types import HandCropsType, HandGeneratorType, PoseKeypointType
 
 CATEGORY = "HumanRef/Hands"
@@ -52,6 +53,7 @@ class HandGeneratorLoader(io.ComfyNode):
         )
 
     @classmethod
+    @shows_warnings
     def execute(cls, hand_generator_name) -> io.NodeOutput:
         path = full_path(HAND_GENERATOR, hand_generator_name, "hand_generator_name")
         return io.NodeOutput(load_hand_generator(path, hand_generator_name))
@@ -133,6 +135,7 @@ class HandGenerator(io.ComfyNode):
         )
 
     @classmethod
+    @shows_warnings
     def execute(cls, model, positive, negative, vae, person, seed, steps, cfg, sampler_name, scheduler, resolution,
                 crop_scale, control_strength, mask_dilation, heatmap_sigma, min_confidence, coordinates, width,
                 height, pose_json="", pose_keypoint=None, control_net=None, hand_generator=None,
@@ -181,6 +184,7 @@ class HandCanvas(io.ComfyNode):
         )
 
     @classmethod
+    @shows_warnings
     def execute(cls, hand_images, hand_masks, hand_crops, background, mask_threshold) -> io.NodeOutput:
         canvas, keep = assemble_canvas(hand_images, hand_masks, hand_crops, (background,) * 3, mask_threshold)
         return io.NodeOutput(canvas, keep, body_skeleton(hand_crops))
@@ -232,6 +236,7 @@ class SequentialMaskExpandOutpaint(io.ComfyNode):
         )
 
     @classmethod
+    @shows_warnings
     def execute(cls, model, positive, negative, vae, canvas, keep_mask, seed, steps, cfg, sampler_name, scheduler,
                 denoise, max_expansion, blending, schedule, unmasked_last_steps) -> io.NodeOutput:
         options = OutpaintOptions(seed, steps, cfg, sampler_name, scheduler, denoise, max_expansion,

@@ -6,6 +6,7 @@ from comfy_api.latest import io
 from ..pipelines.mimicbrush.pipeline import WRITER_MODES, paste_result, setup_mimicbrush, writer_timing
 from ..pipelines.mimicbrush.weights import load_mimicbrush
 from .model_files import MIMICBRUSH, full_path, list_files
+from .notices import shows_warnings
 from .types import MimicBrushEditType, MimicBrushType
 
 CATEGORY = "HumanRef/MimicBrush"
@@ -29,6 +30,7 @@ class MimicBrushLoader(io.ComfyNode):
         )
 
     @classmethod
+    @shows_warnings
     def execute(cls, ckpt_name) -> io.NodeOutput:
         loaded = load_mimicbrush(full_path(MIMICBRUSH, ckpt_name, "ckpt_name"))
         return io.NodeOutput(loaded.model, loaded.parts)
@@ -93,6 +95,7 @@ class MimicBrushConditioning(io.ComfyNode):
         )
 
     @classmethod
+    @shows_warnings
     def execute(cls, model, mimicbrush, vae, image, mask, reference, keep_shape, writer, resolution, crop_to_mask,
                 crop_margin, depth_scale, depth=None, depth_of_black=None) -> io.NodeOutput:
         s = setup_mimicbrush(model, mimicbrush, vae, image, mask, reference, depth=depth, keep_shape=keep_shape,
@@ -118,5 +121,6 @@ class MimicBrushPaste(io.ComfyNode):
         )
 
     @classmethod
+    @shows_warnings
     def execute(cls, images, edit) -> io.NodeOutput:
         return io.NodeOutput(paste_result(images, edit))

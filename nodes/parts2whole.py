@@ -19,6 +19,7 @@ from ..pipelines.parts2whole.pipeline import (
 )
 from ..pipelines.parts2whole.release import load_release
 from .model_files import PARTS2WHOLE, full_path, list_files
+from .notices import shows_warnings
 from .slots import collect_slots
 from .types import Parts2WholeType
 
@@ -56,6 +57,7 @@ class Parts2WholeLoader(io.ComfyNode):
         )
 
     @classmethod
+    @shows_warnings
     def execute(cls, release, weight_dtype) -> io.NodeOutput:
         if weight_dtype not in DTYPES:
             raise ValueError(f"weight_dtype must be one of {list(DTYPES)}, got {weight_dtype!r}")
@@ -125,6 +127,7 @@ class Parts2WholeApply(io.ComfyNode):
         )
 
     @classmethod
+    @shows_warnings
     def execute(cls, model, reference_unet, parts2whole, image_encoder, vae, clip, positive, width, height,
                 batch_size, mode, mask_source, pose=None, **slots) -> io.NodeOutput:
         parts = [PartInput(*group) for group in collect_slots(slots, MAX_PARTS, ("image", "mask", "label"),

@@ -9,6 +9,7 @@ from ..attention.masks import MASK_RULES
 from ..attention.reader import MODES
 from ..pipelines.references.inputs import prepare_references
 from ..pipelines.references.patch import apply_reference_patch, build_reference_bank
+from .notices import shows_warnings
 from .slots import collect_slots
 from .types import ReferenceBankType
 
@@ -67,6 +68,7 @@ class ReferenceEncoder(io.ComfyNode):
         )
 
     @classmethod
+    @shows_warnings
     def execute(cls, writer, vae, clip, timing, mask_rule, max_side, **slots) -> io.NodeOutput:
         given = collect_slots(slots, SLOTS, ("image", "mask", "label"), {"label": DEFAULT_LABELS})
         refs = prepare_references(given, max_side, MAX_REFERENCES)
@@ -139,8 +141,13 @@ class MaskedSharedAttentionPatch(io.ComfyNode):
         )
 
     @classmethod
+    @shows_warnings
     def execute(cls, model, reference_bank, mode, strength, start_percent, end_percent, blocks, custom_blocks,
                 uncond_sees_references, region_masks=None) -> io.NodeOutput:
+        if start_percent == end_percent:
+            raise ValueError(f"start_percent and end_percent are both {start_percent}: the references would act on "
+                             "no step. Make end_percent larger than start_percent (0 and 1: every step; bypass the "
+                             "node to sample without references)")
         patched = apply_reference_patch(model, reference_bank, mode, strength, start_percent, end_percent,
                                         blocks, custom_blocks, uncond_sees_references, regions=region_masks)
         return io.NodeOutput(patched)

@@ -5,13 +5,12 @@ Pure torch and shared by every method folder (hands/ may not import references/,
 """
 from __future__ import annotations
 
-import logging
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch.nn.functional as F
 from torch import Tensor
 
-log = logging.getLogger("humanref")
+from .notices import warn
 
 
 def to_bchw(image: Tensor) -> Tensor:
@@ -54,6 +53,23 @@ def check_image(image: Any, name: str, channels: tuple[int, ...] = (3, 4)) -> Te
     return image
 
 
+WHITE, BLACK = 1.0, 0.0
+
+
+def flatten_alpha(image: Tensor, background: float = WHITE) -> tuple[Tensor, Optional[Tensor]]:
+    """The pack's one rule for a 4-channel (RGBA) IMAGE: (RGB composited over ``background`` by the alpha, the
+    alpha [B, H, W] or None for an RGB image).
+
+    Pictures (references, parts, garments, images to edit, canvases) go over white, the colour the official
+    Parts2Whole and MimicBrush code composites cut-outs on; control maps (pose, depth) over black, their
+    background. Where a node takes a mask for that image and none is connected, the alpha is the mask.
+    """
+    if image.shape[-1] != 4:
+        return image, None
+    alpha = image[..., 3:4]
+    return image[..., :3] * alpha + background * (1.0 - alpha), image[..., 3]
+
+
 def check_mask(mask: Tensor, name: str, count: int, image_name: str) -> Tensor:
     """A MASK input for a batch of ``count`` images: [1 or count, H, W] float (one mask for all, or one each)."""
     if mask.ndim == 2:
@@ -81,8 +97,8 @@ def fit_mask(mask: Tensor, size: tuple[int, int], name: str, image_name: str,
     """A mask [B, H, W] of another size than its image is resized to the image's (h, w), with a warning."""
     if tuple(mask.shape[-2:]) == tuple(size):
         return mask
-    log.warning("HumanRef: %s is %dx%d but %s is %dx%d; resizing the mask to the image",
-                name, mask.shape[-1], mask.shape[-2], image_name, size[1], size[0])
+    warn(f"{name} is {mask.shape[-1]}x{mask.shape[-2]} but {image_name} is {size[1]}x{size[0]}; the mask is "
+         "stretched to the image (give a mask of the image's size to place it exactly)")
     return resize(mask, size)
 
 

@@ -12,7 +12,6 @@ per-row LoRA deltas. The writer model passed in is never modified.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -22,14 +21,14 @@ from torch import Tensor
 from ...attention.bank import MaskProjector, ReferenceBank, ReferenceInfo, Timing
 from ...attention.blocks import BlockInfo, block_label, walk_transformer_blocks
 from ...attention.lora import slot_lora_delta
-from ..images import check_image, check_not_empty, one_mask, resize_image, resize_mask
+from ..images import check_image, check_not_empty, flatten_alpha, one_mask, resize_image, resize_mask
 from ..loading.comfy_unet import model_family
+from ..notices import warn
 from ..references.inputs import writer_size
 from ..references.patch import bank_from_writer, existing_replaces, host_attention, replaced_by_another
 from ..references.writer import WriterGroup, WriterInputs, check_writer_input, encode_images, progress_bar
 from .weights import MASK_RULE, GarmentWeights, SlotLoRA
 
-log = logging.getLogger("humanref")
 STASH_KEY = "humanref_garment_attn1_input"
 
 
@@ -61,9 +60,9 @@ def prepare_garments(
         if image.shape[0] != 1:
             raise ValueError(f"{gname} must be one IMAGE [1, height, width, 3], got shape {tuple(image.shape)}: "
                              "give one image per garment input")
-        if image.shape[-1] == 4:
-            raise ValueError(f"{gname} has an alpha channel (4 channels): composite the garment onto a plain "
-                             f"background first and give its alpha as {mname}")
+        image, alpha = flatten_alpha(image)  # the pack's RGBA rule: over white, the alpha is the mask
+        if mask is None and alpha is not None and float(alpha.min()) < 1.0:
+            mask, mname = alpha, f"{gname} alpha"
         slot = slot.strip()
         if not slot:
             raise ValueError(f"{sname} is empty: name the garment's slot, e.g. 'upper' or 'lower'")
@@ -94,8 +93,8 @@ def prepare_garments(
         m = None
         if mask is not None:
             if tuple(mask.shape) != (height, width):
-                log.warning("HumanRef: mask_%d is %dx%d but garment_%d is %dx%d; resizing the mask to the garment",
-                            number, mask.shape[1], mask.shape[0], number, width, height)
+                warn(f"mask_{number} is {mask.shape[1]}x{mask.shape[0]} but garment_{number} is {width}x{height}; "
+                     "the mask is stretched to the garment")
             m = resize_mask(mask.unsqueeze(0), size)[0]
         out.append(Garment(img, m, slot, number))
     return out
@@ -222,9 +221,8 @@ def build_garment_bank(writer: Any, vae: Any, garments: Sequence[Garment],
         rows = None
     patcher = garment_writer(writer, blocks, rows, weights)
     pbar = progress_bar(2 * len(garments))
-    latents = encode_images(vae, model, [g.image for g in garments])
+    latents = encode_images(vae, model, [g.image for g in garments], progress=pbar)
     check_writer_input(model, latents)
-    pbar.update(len(garments))
     inputs = WriterInputs(
         patcher=patcher,
         groups=(WriterGroup(tuple(range(len(garments))), torch.cat([lat.cpu() for lat in latents], dim=0),

@@ -37,6 +37,13 @@ def assemble_canvas(images: Tensor, masks: Tensor, hands: HandCrops,
         patch, a = paste(canvas, img[..., :3].float().cpu(), alpha.cpu(), crop)
         canvas = canvas * (1 - a.unsqueeze(-1)) + patch * a.unsqueeze(-1)
         keep = torch.maximum(keep, a)
+    if float(keep.max()) <= 0.0:
+        if float(masks.max()) <= 0.0:
+            raise ValueError("hand_masks are empty (all black): no hand pixel to keep. Connect the Hand Generator's "
+                             "hand_masks")
+        raise ValueError(f"mask_threshold {threshold:g} drops every hand pixel (the hand masks reach at most "
+                         f"{float(masks.max()):.2f}): nothing would be kept and the body would be drawn without the "
+                         "hands. Lower mask_threshold (0 keeps every masked pixel)")
     return canvas.unsqueeze(0), keep.unsqueeze(0)
 
 

@@ -10,22 +10,24 @@ Accepted inputs (all parsed into :class:`PoseFrame`, coordinates in canvas pixel
   height), body in BODY_25 or COCO-18 order; BODY_25 is reduced to COCO-18.
 - A JSON string or a single frame dict of either; nested ``[[x, y, c], ...]`` lists are accepted too.
 
-``coordinates="auto"`` decides per frame: normalised when every valid coordinate is within 0..1 (a body
-that fits into one pixel is not a real pose), pixels otherwise. A point is missing when its confidence is
-below ``min_confidence``, when x or y is negative (the aux's sentinel), or when it is exactly (0, 0). Points
-outside the canvas stay valid (crops reaching over the border are padded; pasted parts are clipped).
+``coordinates="auto"`` decides per frame: normalised when every valid coordinate is within -1..2 (a pose
+reaching up to one image size beyond the border; a body that fits into two pixels is not a real pose), pixels
+otherwise. A point is missing when its confidence is below ``min_confidence``, when it is exactly (0, 0) (the
+aux's and OpenPose's "not found") or exactly (-1, -1) (DWPose's "not visible"), or not finite. Points outside
+the canvas, on any side, stay valid: crops reaching over the border are zero-padded, pasted parts are clipped.
+A hand that lies entirely outside the canvas, or whose points all sit on one spot, cannot be drawn: it is
+dropped with a warning the user sees, and an error says so when no hand is left.
 """
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-log = logging.getLogger("humanref")
+from ..notices import warn
 
 BODY_POINTS = 18  # OpenPose COCO-18: 0 nose, 1 neck, 2-4 right arm, 5-7 left arm, 8-13 legs, 14-17 eyes/ears
 HAND_POINTS = 21  # 0 wrist, then 4 joints per finger (MCP, PIP, DIP, tip)
@@ -37,6 +39,8 @@ HANDS = ("left", "right")  # the person's own left and right (OpenPose's hand_le
 BODY25_TO_COCO18 = (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)
 COORDINATES = ("auto", "normalized", "pixels")
 MIN_HAND_POINTS = 5  # a hand with fewer valid points is treated as missing
+MIN_HAND_SPAN = 4.0  # pixels: a hand whose points all lie closer together than this is a degenerate detection
+NORMALIZED_RANGE = (-1.0, 2.0)  # "auto": every coordinate in this range means fractions of the image
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,7 +88,8 @@ def _points(raw: Any, count: Optional[int], name: str) -> Optional[Tensor]:
 
 def _clean(points: Tensor, min_confidence: float) -> Tensor:
     pts = points.clone()
-    missing = (pts[:, 2] < min_confidence) | (pts[:, 0] < 0) | (pts[:, 1] < 0) | ((pts[:, 0] == 0) & (pts[:, 1] == 0))
+    xy = pts[:, :2]
+    missing = (pts[:, 2] < min_confidence) | (xy == 0).all(dim=1) | (xy == -1).all(dim=1)
     missing |= ~torch.isfinite(pts).all(dim=1)
     pts[missing] = 0.0
     pts[~missing, 2] = pts[~missing, 2].clamp(min=1e-6)
@@ -149,9 +154,9 @@ def parse_pose(data: Any, coordinates: str = "auto", min_confidence: float = 0.3
                     pts[:, :2] *= scale
                     if int(valid(pts).sum()) < MIN_HAND_POINTS:
                         if valid(pts).any():
-                            log.warning("HumanRef: frame %d person %d: the %s hand has only %d confident "
-                                        "keypoints (< %d); treated as missing", i, j, side, int(valid(pts).sum()),
-                                        MIN_HAND_POINTS)
+                            warn(f"frame {i} person {j}: the {side} hand has only {int(valid(pts).sum())} "
+                                 f"keypoints above min_confidence (fewer than {MIN_HAND_POINTS}); it is left out "
+                                 "(lower min_confidence to keep it)")
                         pts = None
                 hands.append(pts)
             body = body.clone()
@@ -169,7 +174,8 @@ def _scale(people: list[list[Optional[Tensor]]], coordinates: str, w: int, h: in
     if coordinates == "auto":
         coords = [x[valid(x)][:, :2] for group in people for x in group if x is not None]
         coords = torch.cat(coords) if coords else torch.zeros(0, 2, dtype=torch.float64)
-        if coords.numel() and float(coords.max()) > 1.0 + 1e-3:
+        lo, hi = NORMALIZED_RANGE
+        if coords.numel() and (float(coords.max()) > hi or float(coords.min()) < lo):
             return torch.tensor([1.0, 1.0], dtype=torch.float64)
     return torch.tensor([float(w), float(h)], dtype=torch.float64)
 
@@ -188,4 +194,35 @@ def select_person(frames: Sequence[PoseFrame], frame: int = 0, person: int = 0) 
         raise ValueError(f"no hands in the pose (frame {frame}, person {person}): the pose needs hand keypoints "
                          "(DWPose or OpenPose with detect_hand enabled) with at least "
                          f"{MIN_HAND_POINTS} confident points per hand")
-    return f, p
+    return f, drawable_hands(f, p, f"frame {frame} person {person}")
+
+
+def hand_problem(points: Tensor, width: int, height: int) -> Optional[str]:
+    """Why a hand cannot be drawn (entirely outside the canvas, all points on one spot), or None."""
+    p = points[valid(points), :2]
+    lo, hi = p.min(dim=0).values, p.max(dim=0).values
+    if float(hi[0]) < 0 or float(hi[1]) < 0 or float(lo[0]) >= width or float(lo[1]) >= height:
+        return (f"lies entirely outside the {width}x{height} image (x {float(lo[0]):.0f}..{float(hi[0]):.0f}, "
+                f"y {float(lo[1]):.0f}..{float(hi[1]):.0f} px)")
+    if float((hi - lo).max()) < MIN_HAND_SPAN:
+        return (f"has all its keypoints within {MIN_HAND_SPAN:g} px of ({float(lo[0]):.0f}, {float(lo[1]):.0f}): "
+                "a degenerate detection, not a hand")
+    return None
+
+
+def drawable_hands(frame: PoseFrame, person: Person, name: str) -> Person:
+    """``person`` without the hands that cannot be drawn (with a warning), or an error if none is left."""
+    hands, problems = {}, []
+    for side in HANDS:
+        pts = person.hand(side)
+        problem = None if pts is None else hand_problem(pts, frame.width, frame.height)
+        if problem is not None:
+            problems.append(f"the {side} hand {problem}")
+            pts = None
+        hands[side] = pts
+    if hands["left"] is None and hands["right"] is None:
+        raise ValueError(f"no hand of {name} can be drawn: {'; '.join(problems)}. Check that the pose belongs to "
+                         "this image (coordinates: normalized or pixels; width and height)")
+    for problem in problems:
+        warn(f"{name}: {problem}; it is left out")
+    return Person(person.body, hands["left"], hands["right"])

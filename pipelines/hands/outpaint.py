@@ -9,7 +9,6 @@ path (ComfyUI's ``nodes.common_ksampler``): progress bar, latent previews, every
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -17,11 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..images import check_image, check_mask, fit_mask, to_bchw, to_bhwc
+from ..images import check_image, check_mask, fit_mask, flatten_alpha, to_bchw, to_bhwc
+from ..notices import warn
 from .generator import SamplingOptions
 from .mask_expand import Blending, keep_schedule, step_index
-
-log = logging.getLogger("humanref")
 
 
 @dataclass(frozen=True)
@@ -35,7 +33,7 @@ class OutpaintOptions(SamplingOptions):
 
 def prepare_canvas_mask(canvas: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Checks and aligns IMAGE [B, H, W, C] and MASK [B|1, H, W]; a mask of another size is resized (warning)."""
-    canvas = check_image(canvas, "canvas")[..., :3]
+    canvas = flatten_alpha(check_image(canvas, "canvas"))[0]
     h, w = canvas.shape[1:3]
     mask = fit_mask(check_mask(mask, "keep_mask", canvas.shape[0], "canvas"), (h, w), "keep_mask", "canvas")
     mask = mask.clamp(0.0, 1.0).to(canvas.device)
@@ -122,23 +120,27 @@ def outpaint(model: Any, positive: list, negative: list, vae: Any, canvas: Tenso
 
     if options.steps < 1:
         raise ValueError(f"steps must be at least 1, got {options.steps}")
+    if options.unmasked_last_steps >= options.steps:
+        raise ValueError(f"unmasked_last_steps ({options.unmasked_last_steps}) must be less than steps "
+                         f"({options.steps}): every step would run unmasked, so the hands would never be held "
+                         "while the body forms. Lower it (the paper: 2) or raise steps")
     canvas, keep = prepare_canvas_mask(canvas, keep_mask)
     padded, keep_p, (h, w) = pad_to_multiple(canvas, keep)
     latent = vae.encode(padded)
     if float(keep.min()) >= 1.0:
-        log.warning("HumanRef: keep_mask is all ones: everything is kept, nothing to outpaint; returning the "
-                    "canvas unchanged")
+        warn("keep_mask is all white: everything is kept and nothing is drawn; the canvas is returned "
+             "unchanged (connect the Hand Canvas's keep_mask)")
         return canvas.clone(), {"samples": latent}, None
     mask_fn: Optional[ScheduledDenoiseMask] = None
     work = model.clone()
     lat_keep = latent_mask(keep_p, latent.shape[-2], latent.shape[-1])
     if float(keep.max()) <= 0.0:
-        log.warning("HumanRef: keep_mask is all zero: nothing to keep, so this is plain sampling of the whole "
-                    "canvas (no blending)")
+        warn("keep_mask is all black: no hand is kept, so this is plain sampling of the whole canvas "
+             "(connect the Hand Canvas's keep_mask)")
     else:
         if "denoise_mask_function" in work.model_options:
-            log.warning("HumanRef: the model already has a denoise mask function (e.g. Differential Diffusion); "
-                        "SequentialMaskExpandOutpaint replaces it on its own copy of the model")
+            warn("the model already has a denoise mask function (e.g. Differential Diffusion); this node "
+                 "replaces it on its own copy of the model")
         mask_fn = ScheduledDenoiseMask(lat_keep, options, options.max_expansion / 8.0)
         work.set_model_denoise_mask_function(mask_fn)
         if is_inpaint_model(model):

@@ -19,7 +19,6 @@ mask edge is antialiased). The features are computed from the final denoised lat
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -31,8 +30,8 @@ from ..loading.comfy_unet import model_family
 from ..loading.diffusers_unet import convert_unet_state_dict
 from ..loading.files import read_state_dict
 from ..loading.unet_configs import ldm_config_from_diffusers_state_dict
-
-log = logging.getLogger("humanref")
+from ..notices import warn
+from ..progress import Stages
 
 FORMAT = "humanref-hand-generator"
 VERSION = "1"
@@ -109,7 +108,7 @@ def split_checkpoint(sd: dict[str, Tensor], metadata: Optional[dict], name: str)
     if fmt is not None and fmt != FORMAT:
         raise ValueError(f"{name}: metadata format is {fmt!r}, expected {FORMAT!r}")
     if fmt is None:
-        log.warning("HumanRef: %s has no 'format' metadata; reading it as %s version %s", name, FORMAT, VERSION)
+        warn(f"{name} has no 'format' metadata; it is read as {FORMAT} version {VERSION}")
     if metadata.get("version", VERSION) != VERSION:
         raise ValueError(f"{name}: {FORMAT} version {metadata['version']} is not supported (this pack reads {VERSION})")
     unet = {k[len(FILE_UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(FILE_UNET_PREFIX)}
@@ -141,6 +140,9 @@ class HandGeneratorWeights:
         return self
 
 
+LOAD_STAGES = ("read", "unet")
+
+
 def load_hand_generator(path: str, name: Optional[str] = None) -> HandGeneratorWeights:
     """Read our layout and load the UNet as a native ComfyUI SD15 model (its own dtype and device handling)."""
     import comfy.sd
@@ -148,10 +150,13 @@ def load_hand_generator(path: str, name: Optional[str] = None) -> HandGeneratorW
     name = name or path
     if not path.endswith(".safetensors"):
         raise ValueError(f"{name}: hand generators are safetensors files (see docs: the layout)")
+    stages = Stages(f"hand generator {name}", LOAD_STAGES)
     sd, metadata = read_state_dict(path)
+    stages.finished("read")
     unet, head_sd, metadata = split_checkpoint(sd, metadata, name)
     head = mask_head_from_state_dict(head_sd, metadata.get("mask_activation", "clamp"), name)
     patcher = comfy.sd.load_diffusion_model_state_dict(unet)
+    stages.finished("unet")
     if patcher is None:
         raise ValueError(f"{name}: ComfyUI does not recognise unet.* as a UNet (expected an SD1.5 UNet: "
                          "320 model channels, 768 context)")

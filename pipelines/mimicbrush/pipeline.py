@@ -21,7 +21,8 @@ from torch import Tensor
 from ...attention.bank import MaskProjector, ReferenceBank, ReferenceInfo, Timing
 from ...attention.blocks import select_blocks, walk_transformer_blocks
 from ...attention.reader import BLEND
-from ..images import check_image, one_mask, resize_mask, resize_square, to_bchw
+from ..images import BLACK, WHITE, check_image, flatten_alpha, one_mask, resize_mask, resize_square, to_bchw
+from ..progress import Stages
 from ..references.patch import apply_reference_patch, bank_from_writer
 from ..references.writer import WriterGroup, WriterInputs, encode_images
 from .images import Box, binarize, black_fill, crop_around, pad_to_square, paste_back, resize_mask_binary, unpad
@@ -63,14 +64,13 @@ class PreparedTarget:
 
 
 # --------------------------------------------------------------------------------------------- inputs
-def _rgb(image: Any, name: str) -> Tensor:
+def _rgb(image: Any, name: str, background: float = WHITE) -> Tensor:
     image = check_image(image, name, channels=(1, 3, 4))
     if image.shape[0] != 1:
         raise ValueError(f"{name} has {image.shape[0]} images; MimicBrush edits one image with one reference per "
                          "run (split the batch, e.g. with 'Image From Batch')")
-    if image.shape[-1] == 4:  # documented: alpha is composited over white, the colour the official pads with
-        alpha = image[..., 3:4]
-        return image[..., :3] * alpha + (1.0 - alpha)
+    if image.shape[-1] == 4:  # the pack's RGBA rule: over white, the colour the official code pads with
+        return flatten_alpha(image, background)[0]
     if image.shape[-1] == 1:
         return image.expand(-1, -1, -1, 3)
     return image
@@ -106,7 +106,7 @@ def prepare_target(image: Tensor, mask: Tensor, resolution: int, crop_to_mask: b
 
 def prepare_depth(depth: Tensor, edit: MimicBrushEdit, name: str = "depth") -> Tensor:
     """A depth IMAGE of the target -> [1, 1, S, S] over the same crop and square padding (padding = 0)."""
-    depth = _rgb(depth, name).float().cpu().mean(dim=-1)  # [1, H, W]
+    depth = _rgb(depth, name, BLACK).float().cpu().mean(dim=-1)  # [1, H, W]
     h, w = edit.mask.shape
     if tuple(depth.shape[1:]) != (h, w):
         dh, dw = depth.shape[1:]
@@ -130,7 +130,8 @@ def depth_feature(parts: MimicBrushParts, edit: MimicBrushEdit, keep_shape: bool
                              "estimator node), or turn keep_shape off")
         d = prepare_depth(depth, edit) * depth_scale
     elif depth_of_black is not None:
-        d = to_bchw(_rgb(depth_of_black, "depth_of_black").float().cpu().mean(dim=-1, keepdim=True)) * depth_scale
+        black = _rgb(depth_of_black, "depth_of_black", BLACK).float().cpu()
+        d = to_bchw(black.mean(dim=-1, keepdim=True)) * depth_scale
     else:
         d = torch.zeros(1, 1, res, res)
     guider = parts.depth_guider
@@ -183,6 +184,9 @@ class MimicBrushSetup:
     edit: MimicBrushEdit
 
 
+SETUP_STAGES = ("encode images", "depth", "image prompt", "reference")
+
+
 def setup_mimicbrush(
     model: Any,
     parts: MimicBrushParts,
@@ -209,17 +213,22 @@ def setup_mimicbrush(
         raise ValueError(f"model has a {channels}-channel input; connect the MODEL of 'MimicBrush Loader (HumanRef)' "
                          "(the 13-channel imitative UNet)")
     target = prepare_target(image, mask, resolution, crop_to_mask, crop_margin)
+    stages = Stages("MimicBrush Conditioning", SETUP_STAGES)
     ref_square = pad_to_square(_rgb(reference, "reference").float().cpu(), 1.0)
     ref = resize_square(ref_square, resolution)
     writer_model = parts.reference_model.model
     ref_latent = encode_images(vae, writer_model, [ref[0]])[0]
     masked_latent = encode_images(vae, model.model, [target.square[0]])[0]
+    stages.finished("encode images")
     lat_hw = masked_latent.shape[-2:]
     mask_latent = F.interpolate(target.mask.unsqueeze(1), size=lat_hw, mode="nearest")
     depth_feat = depth_feature(parts, target.edit, keep_shape, depth, depth_of_black, depth_scale)
+    stages.finished("depth")
     concat = torch.cat([mask_latent.float().cpu(), masked_latent.float().cpu(), depth_feat.cpu()], dim=1)
     cond, uncond = image_prompt(parts, ref_square)  # CLIP sees the padded reference at its own size
+    stages.finished("image prompt")
     bank = mimicbrush_bank(parts, ref_latent, cond, timing)
+    stages.finished("reference")
     patched = apply_reference_patch(model, bank, mode=BLEND.name, strength=RATIO, block_set=BLOCK_SET, uncond=False)
     positive, negative = conditioning(cond, uncond, concat)
     latent = {"samples": torch.zeros(1, 4, lat_hw[0], lat_hw[1])}

@@ -32,6 +32,7 @@ from ..loading.comfy_unet import model_family
 from ..loading.diffusers_unet import convert_unet_state_dict
 from ..loading.files import read_state_dict
 from ..loading.unet_configs import SD15_HEADS, ldm_config_from_diffusers_state_dict
+from ..progress import Stages
 from .depth_guider import DepthGuider, depth_guider_from_state_dict
 
 log = logging.getLogger("humanref")
@@ -217,19 +218,29 @@ class LoadedMimicBrush:
     filled_writer_keys: tuple[str, ...]
 
 
+LOAD_STAGES = ("read", "unet", "referencenet", "image encoder", "image projection and depth guider")
+
+
 def load_mimicbrush(path: str, dtype: Optional[torch.dtype] = None) -> LoadedMimicBrush:
     """Everything in mimicbrush.bin as ComfyUI objects (UNets in ComfyUI's chosen dtype unless given)."""
     name = os.path.basename(path)
+    stages = Stages(f"MimicBrush {name}", LOAD_STAGES)
     parts = read_checkpoint(path)
+    stages.finished("read")
     unet_ldm, _, _ = convert_unet(parts["unet"], f"{name} unet", IMITATIVE_CHANNELS)
-    ref_ldm, _, filled = convert_unet(parts["referencenet"], f"{name} referencenet", 4, tolerate_stripped=True)
     model = imitative_model(unet_ldm, name, dtype)
+    stages.finished("unet")
+    ref_ldm, _, filled = convert_unet(parts["referencenet"], f"{name} referencenet", 4, tolerate_stripped=True)
     writer = _load_unet(ref_ldm, "referencenet", name, dtype)
+    stages.finished("referencenet")
+    clip_vision = image_encoder(parts["image_encoder"], name)
+    stages.finished("image encoder")
     bundle = MimicBrushParts(
         reference_model=writer,
-        clip_vision=image_encoder(parts["image_encoder"], name),
+        clip_vision=clip_vision,
         projection=image_projection(parts["image_proj"], f"{name} image_proj"),
         depth_guider=depth_guider_from_state_dict(parts["depth_guider"], f"{name} depth_guider"),
         uid=uuid.uuid4().hex[:12],
     )
+    stages.finished("image projection and depth guider")
     return LoadedMimicBrush(model, bundle, tuple(filled))

@@ -36,8 +36,9 @@ from ...attention.decoupled import (
 )
 from ...attention.labels import Labeled
 from ...attention.reader import CONCAT
-from ..images import check_image, check_mask, check_not_empty, fit_mask, resize_image, to_bchw
+from ..images import BLACK, check_image, check_mask, check_not_empty, fit_mask, flatten_alpha, resize_image, to_bchw
 from ..loading.comfy_unet import model_family
+from ..notices import warn
 from ..references.inputs import PreparedReference
 from ..references.patch import apply_reference_patch, build_reference_bank, existing_replaces, host_attention
 from .pose_guider import PoseGuider
@@ -140,7 +141,8 @@ def prepare_pose(pose: Tensor, height: int, width: int) -> Tensor:
     if tuple(pose.shape[1:3]) != (height, width):
         log.info("HumanRef: pose is %dx%d; resized to the output size %dx%d", pose.shape[2], pose.shape[1],
                  width, height)
-    return to_bchw(resize_image(pose[..., :3].float(), (height, width))).contiguous()
+    pose = flatten_alpha(pose.float(), BLACK)[0]  # a control map: transparent = its black background
+    return to_bchw(resize_image(pose, (height, width))).contiguous()
 
 
 def check_size(width: int, height: int) -> None:
@@ -200,8 +202,9 @@ class PoseFeaturePatch:
             pixels = (size[0] * scale, size[1] * scale)
             pose = self.pose
             if tuple(pose.shape[-2:]) != pixels:
-                log.warning("HumanRef: the latent is %dx%d px but the pose was prepared at %dx%d; resizing the pose",
-                            pixels[1], pixels[0], pose.shape[-1], pose.shape[-2])
+                warn(f"the image being sampled is {pixels[1]}x{pixels[0]} px but Parts2Whole's width and height "
+                     f"are {pose.shape[-1]}x{pose.shape[-2]}; the pose is stretched to the image (set the same "
+                     "size on Parts2Whole and the latent)")
                 pose = F.interpolate(pose, size=pixels, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
             if device not in self._guiders:
                 self._guiders[device] = (self.guider if device == torch.device("cpu")

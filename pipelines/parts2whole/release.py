@@ -29,6 +29,7 @@ from ..loading.comfy_unet import unet_shapes
 from ..loading.diffusers_unet import convert_unet_state_dict as convert_diffusers_unet
 from ..loading.files import read_state_dict
 from ..loading.unet_configs import SD15_HEADS, ldm_config_from_diffusers_config
+from ..progress import Stages
 from .pose_guider import PoseGuider, load_pose_guider
 
 log = logging.getLogger("humanref")
@@ -248,12 +249,18 @@ def load_unet_folder(folder: str, sub: str, sampling: dict,
     return model, unet_config, converted
 
 
+LOAD_STAGES = ("unet", "reference_unet", "decoupled attention", "pose guider", "image encoder")
+
+
 def load_release(folder: str, dtype: Optional[torch.dtype] = None) -> LoadedRelease:
     """Everything of a release folder as ComfyUI objects (MODEL, writer MODEL, CLIP_VISION, PARTS2WHOLE)."""
     check_release_folder(folder)
+    stages = Stages(f"Parts2Whole release {os.path.basename(os.path.normpath(folder))}", LOAD_STAGES)
     sampling = sampling_settings(folder)
     model, unet_config, unet = load_unet_folder(folder, "unet", sampling, dtype)
+    stages.finished("unet")
     writer, ref_config, ref = load_unet_folder(folder, "reference_unet", sampling, dtype)
+    stages.finished("reference_unet")
     if ref_config != unet_config:
         raise ValueError(f"{folder}: unet/config.json and reference_unet/config.json describe different UNets")
     dc_path = os.path.join(folder, DECOUPLED_FILE)
@@ -264,6 +271,7 @@ def load_release(folder: str, dtype: Optional[torch.dtype] = None) -> LoadedRele
     else:
         raise ValueError(f"{folder}: no decoupled cross-attention weights ({DECOUPLED_FILE} is missing and the "
                          "unet holds no *_dc keys)")
+    stages.finished("decoupled attention")
     guider_dir = os.path.join(folder, "pose_guider")
     guider_path = find_weights(guider_dir, WEIGHT_NAMES)
     guider = load_pose_guider(read_json(os.path.join(guider_dir, "config.json")), read_state_dict(guider_path)[0],
@@ -271,7 +279,9 @@ def load_release(folder: str, dtype: Optional[torch.dtype] = None) -> LoadedRele
     if guider.conv_out.out_channels != unet_config["model_channels"]:
         raise ValueError(f"{guider_path}: the pose guider outputs {guider.conv_out.out_channels} channels but the "
                          f"UNet's conv_in has {unet_config['model_channels']}")
+    stages.finished("pose guider")
     encoder = load_image_encoder(folder)
+    stages.finished("image encoder")
     image_dim = int(read_json(os.path.join(folder, "image_encoder", "config.json"))["projection_dim"])
     in_dim = next(iter(decoupled.values()))[0].shape[1]
     if image_dim != in_dim:

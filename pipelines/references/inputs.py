@@ -4,15 +4,13 @@ Pure torch: one PreparedReference per image at a writer-friendly size; the input
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Optional
 
 from torch import Tensor
 
-from ..images import check_image, check_mask, check_not_empty, fit_mask, resize_image, resize_mask
-
-log = logging.getLogger("humanref")
+from ..images import check_image, check_mask, check_not_empty, fit_mask, flatten_alpha, resize_image, resize_mask
+from ..notices import warn
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,7 +51,10 @@ def prepare_references(
     refs: list[PreparedReference] = []
     for number, image, mask, label in inputs:
         iname, mname, lname = f"image_{number}", f"mask_{number}", f"label_{number}"
-        image = check_image(image, iname)[..., :3]
+        image, alpha = flatten_alpha(check_image(image, iname))
+        if mask is None and alpha is not None and float(alpha.min()) < 1.0:
+            mask = alpha  # the cut-out's alpha selects the reference (README: RGBA images)
+            mname = f"{iname} alpha"
         count, height, width = image.shape[0], image.shape[1], image.shape[2]
         labels = split_labels(label, count, lname)
         if mask is not None:
@@ -62,8 +63,7 @@ def prepare_references(
                                          "reference")
         size = writer_size(height, width, max_side)
         if size != (height, width) and max_side <= 0:
-            log.warning("HumanRef: %s is %dx%d; using %dx%d (multiples of 8) for the writer",
-                        iname, width, height, size[1], size[0])
+            warn(f"{iname} is {width}x{height}; it is read at {size[1]}x{size[0]} (multiples of 8)")
         images = resize_image(image, size)
         masks = None if mask is None else resize_mask(mask, size)
         for i in range(count):

@@ -41,6 +41,7 @@ from ...attention.kernels import ProjectedReferences, project_references
 from ...attention.masks import region_allowed
 from ...attention.reader import ActivePatch, Mode, Strength, mode_named, reference_attention
 from ..loading.comfy_unet import model_family
+from ..notices import warn
 from .inputs import PreparedReference
 from .writer import (
     WriterInputs,
@@ -72,9 +73,8 @@ def build_reference_bank(
     model = writer.model
     pbar = progress_bar(len(refs) * (2 if timing == Timing.ONCE else 1))
     device = writer.load_device
-    latents = encode_images(vae, model, [r.image for r in refs])
+    latents = encode_images(vae, model, [r.image for r in refs], progress=pbar)
     check_writer_input(model, latents)
-    pbar.update(len(refs))
     cond_cache: dict[str, dict[str, Tensor]] = {}
     conds = []
     for r, lat in zip(refs, latents):
@@ -365,6 +365,9 @@ def apply_reference_patch(
     regions = check_regions(regions, bank, injection)
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise ValueError(f"start_percent ({start_percent}) must be <= end_percent ({end_percent}), both in 0..1")
+    if block_set != "custom" and custom_blocks.strip():
+        warn(f"custom_blocks ({custom_blocks.strip()!r}) is ignored because blocks is {block_set!r}; set blocks "
+             "to 'custom' to use that list")
     if strength < 0:
         raise ValueError(f"strength must be >= 0, got {strength}")
     patched = model.clone()

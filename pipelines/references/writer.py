@@ -165,13 +165,15 @@ def run_writer(
             if len(per_ref) == writer.count}
 
 
-def encode_images(vae: Any, model: Any, images: list[Tensor]) -> list[Tensor]:
-    """VAE-encode [H, W, 3] images one by one into the model's sampling space."""
+def encode_images(vae: Any, model: Any, images: list[Tensor], progress: Optional[Any] = None) -> list[Tensor]:
+    """VAE-encode [H, W, 3] images one by one into the model's sampling space (``progress``: one step each)."""
     out = []
     for img in images:
         comfy.model_management.throw_exception_if_processing_interrupted()
         latent = vae.encode(img.unsqueeze(0)[..., :3])
         out.append(model.process_latent_in(latent))
+        if progress is not None:
+            progress.update(1)
     return out
 
 

@@ -308,3 +308,35 @@ def test_the_checks_catch_a_broken_graph(frontend, tmp_path):
     assert graph_differences(broken, frontend.serialize()) == [
         "node 13 (KSampler): widgets_values [42, 'fixed', 7.0, 'euler', 'normal', 1.0] became "
         "[42, 'fixed', 7, 'euler', 'normal', 1, 1]"]
+
+
+def test_a_warning_shows_on_the_node_and_in_a_toast(frontend, browser_client):
+    """Issue 12, item 3: a HumanRef warning (here: the left hand moved entirely outside the image, so it is left
+    out) reaches the user in the page: as text under the Hand Generator and in a toast naming it."""
+    shipped = load_workflow("hands")
+    generator = next(n for n in shipped["nodes"] if n["type"] == "HumanRef_HandGenerator")
+    pose_index = [i for i, v in enumerate(generator["widgets_values"]) if isinstance(v, str) and "people" in v][0]
+    pose = json.loads(generator["widgets_values"][pose_index])
+    person = pose[0]["people"][0]
+    person["hand_left_keypoints_2d"] = [v - 0.95 if i % 3 == 0 else v
+                                        for i, v in enumerate(person["hand_left_keypoints_2d"])]
+    frontend.open()
+    frontend.open_file(UI_WORKFLOWS["hands"])
+    frontend.dismiss_toasts()
+    edits = {k: dict(v) for k, v in SMALL_RUN["hands"].items()}
+    edits[generator["id"]]["pose_json"] = json.dumps(pose)
+    frontend.set_widgets(edits)
+    queued = frontend.queue()
+    assert queued["status"] == 200 and queued["body"].get("node_errors") == {}, queued["body"]
+    entry = wait_for_history(browser_client, queued["body"]["prompt_id"])
+    assert entry["status"]["status_str"] == "success"
+    expected = "the left hand lies entirely outside the 128x192 image"
+    assert any(expected in w for w in entry["outputs"][str(generator["id"])]["humanref_warnings"])
+    frontend.page.wait_for_function("(text) => Array.from(document.querySelectorAll('.p-toast-message'))"
+                                    ".some((t) => t.innerText.includes(text))", arg=expected, timeout=30_000)
+    toast = next(t for t in frontend.toasts() if expected in t)
+    assert "HumanRef: Hand Generator" in toast, toast
+    shown = frontend.page.evaluate("(id) => (window.app.graph.getNodeById(id).widgets || [])"
+                                   ".filter((w) => w.name === '$$node-text-preview').map((w) => String(w.value))",
+                                   generator["id"])
+    assert any(expected in text for text in shown), shown

@@ -95,14 +95,14 @@ def test_regions_given_to_the_extractor_equal_region_masks_on_the_patch(tiny_mod
     (NO_WEIGHTS, dict(garment_1="A", slot_1="upper", region_2="M"), r"region_2 is connected but garment_2 is not"),
     (NO_WEIGHTS, dict(garment_1="A", slot_1="upper", garment_2="B", slot_2="upper"),
      r"slot_2 is 'upper', the same as slot_1"),
-    (NO_WEIGHTS, dict(garment_1="RGBA", slot_1="upper"), r"garment_1 has an alpha channel"),
+    (NO_WEIGHTS, dict(garment_1="CLEAR", slot_1="upper"), r"garment_1 alpha is empty \(all zero\)"),
     (NO_WEIGHTS, dict(garment_1="A", slot_1="upper", garment_2="BIG", slot_2="lower"),
      r"garment_2 is 32x40 but garment_1 is 24x32"),
     (NO_WEIGHTS, dict(slot_1="upper"), r"no garments: connect garment_1"),
 ])
 def test_bad_inputs_name_the_input(tiny_model, clip_vae, weights_folder, weights, slots, message):
     a, b = images(2)
-    values = {"A": a, "B": b, "RGBA": torch.rand(1, 32, 24, 4), "BIG": torch.rand(1, 40, 32, 3),
+    values = {"A": a, "B": b, "CLEAR": torch.cat([a, torch.zeros(1, 32, 24, 1)], -1), "BIG": torch.rand(1, 40, 32, 3),
               "M": torch.ones(1, 8, 8)}
     given = {k: values.get(v, v) if not k.startswith("slot") else v for k, v in slots.items()}
     with pytest.raises(ValueError, match=message):

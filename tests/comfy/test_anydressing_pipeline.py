@@ -259,7 +259,7 @@ def _img(h=64, w=48, c=3, b=1):
     ([], r"no garments: connect garment_1"),
     ([(1, None, None, "upper")], r"no garments"),
     ([(1, _img(), None, "upper"), (2, _img(), None, "upper")], r"slot_2 is 'upper', the same as slot_1"),
-    ([(1, _img(c=4), None, "upper")], r"garment_1 has an alpha channel"),
+    ([(1, _img(c=4) * torch.tensor([1.0, 1.0, 1.0, 0.0]), None, "upper")], r"garment_1 alpha is empty"),
     ([(1, _img(), None, "upper"), (2, _img(h=72), None, "lower")], r"garment_2 is 48x72 but garment_1 is 48x64"),
     ([(1, _img(b=2), None, "upper")], r"garment_1 must be one IMAGE"),
     ([(1, _img(), None, "  ")], r"slot_1 is empty"),

@@ -2,13 +2,12 @@
 second-order samplers, the inpainting-model mask channel, bad masks."""
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 
 from humanref.pipelines.hands.mask_expand import step_index
 from humanref.pipelines.hands.outpaint import OutpaintOptions, latent_mask, outpaint
+from humanref.pipelines.notices import collect
 
 SIZE = (64, 80)  # latent 8 x 10
 
@@ -107,22 +106,23 @@ def test_inpainting_model_mask_channel_gets_the_exact_hand_mask(tiny_sd15_config
         assert torch.equal(c_concat[:, 0], expected.expand(c_concat.shape[0], -1, -1))
 
 
-def test_bad_masks(tiny_model, clip_vae, conds, caplog):
+def test_bad_masks(tiny_model, clip_vae, conds):
     _, vae = clip_vae
     canvas, mask = canvas_and_mask()
     opts = OutpaintOptions(steps=2, unmasked_last_steps=0, max_expansion=8)
-    with caplog.at_level(logging.WARNING, logger="humanref"):
+    with collect() as warnings:
         same, _, fn = outpaint(tiny_model, conds[0], conds[1], vae, canvas, torch.ones(1, *SIZE), opts)
-    assert fn is None and torch.equal(same, canvas) and "all ones" in caplog.text
-    with caplog.at_level(logging.WARNING, logger="humanref"):
+    assert fn is None and torch.equal(same, canvas) and "keep_mask is all white" in warnings[0]
+    with collect() as warnings:
         plain, _, fn = outpaint(tiny_model, conds[0], conds[1], vae, canvas, torch.zeros(1, *SIZE), opts)
-    assert fn is None and plain.shape == canvas.shape and "all zero" in caplog.text
+    assert fn is None and plain.shape == canvas.shape and "keep_mask is all black" in warnings[0]
     small = torch.nn.functional.interpolate(mask[None], size=(32, 40))[0]
-    with caplog.at_level(logging.WARNING, logger="humanref"):
+    with collect() as warnings:
         image, _, fn = outpaint(tiny_model, conds[0], conds[1], vae, canvas, small, opts)
     inner = torch.zeros_like(mask, dtype=torch.bool)
     inner[:, 18:38, 26:38] = True  # where the upscaled mask is exactly 1
-    assert "resizing the mask" in caplog.text and torch.equal(image[inner], canvas[inner])
+    assert "keep_mask is 40x32 but canvas is 80x64; the mask is stretched" in warnings[0]
+    assert torch.equal(image[inner], canvas[inner])
     odd = torch.rand(1, 60, 76, 3)  # not a multiple of 8: padded, then cropped back
     image, latent, _ = outpaint(tiny_model, conds[0], conds[1], vae, odd, torch.zeros(1, 60, 76) + (
         torch.arange(76) < 20).float(), opts)

@@ -130,3 +130,16 @@ def test_reference_with_alpha_is_composited_over_white(loaded, clip_vae):
     a = condition(loaded, clip_vae, image, mask, rgba)[1][0][0]
     b = condition(loaded, clip_vae, image, mask, white)[1][0][0]
     torch.testing.assert_close(a, b)
+
+
+def test_conditioning_reports_its_stages(loaded, clip_vae, monkeypatch):
+    """Issue 12, item 4: MimicBrush Conditioning moved no progress bar; now one step per stage, in order."""
+    import comfy.utils
+
+    from humanref.pipelines.mimicbrush.pipeline import SETUP_STAGES
+
+    seen = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None:
+                        seen.append((value, total)))
+    condition(loaded, clip_vae, *inputs())
+    assert seen == [(i, len(SETUP_STAGES)) for i in range(1, len(SETUP_STAGES) + 1)] and len(SETUP_STAGES) == 4

@@ -66,3 +66,20 @@ def test_the_garment_node_says_it_outputs_a_garment_bank():
     schema = next(s for s in SCHEMAS if s.node_id == "HumanRef_GarmentLoRAExtractor")
     assert "LoRA" not in schema.display_name and "garment bank" in schema.description
     assert [o.id for o in schema.outputs] == ["garment_bank"]
+
+
+def test_why_the_six_slot_nodes_keep_fixed_inputs():
+    """Decision record (README: Nodes with six slots): ComfyUI 0.8.0's dynamic inputs cannot carry a reference
+    slot without breaking it. An Autogrow template turns a widget into a socket (a label could no longer be typed
+    or picked on the node) and the grown inputs are named '<group>.<prefix><n>' (old workflows link 'image_1');
+    DynamicCombo renames an option's inputs the same way ('backend.control_net'). If a ComfyUI release changes
+    either, this test fails and the choice should be made again."""
+    from comfy_api.latest._io import finalize_prefix
+
+    template = io.Autogrow.TemplatePrefix(io.String.Input("label"), prefix="label", min=1, max=6)
+    assert template.input.force_input is True  # a typed label becomes an input socket
+    assert [i.id for i in template.get_all()][:2] == ["label0", "label1"]
+    assert finalize_prefix(["labels"], "label0") == "labels.label0"  # not 'label_1': saved links would not match
+    combo = io.DynamicCombo.Input("backend", options=[io.DynamicCombo.Option("training-free", [
+        io.ControlNet.Input("control_net")])])
+    assert [i.id for i in combo.get_all()] == ["backend", "control_net"]  # expanded as 'backend.control_net'

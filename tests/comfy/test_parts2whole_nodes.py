@@ -1,6 +1,5 @@
 """Parts2Whole nodes and pipeline in-process: loader through models/parts2whole, sampling, preprocessing
 against PIL (the official code's image library), bad input."""
-import logging
 
 import numpy as np
 import pytest
@@ -8,6 +7,7 @@ import torch
 from helpers import ksample
 from PIL import Image
 
+from humanref.pipelines.notices import collect
 from humanref.pipelines.parts2whole.pipeline import (
     LABELS,
     MASK_SOURCES,
@@ -173,7 +173,7 @@ def test_preprocessing_matches_pil():
     assert torch.allclose(part3.reference.mask, part.reference.mask, atol=1e-5)
 
 
-def test_pose_resizing(caplog):
+def test_pose_resizing():
     from humanref.pipelines.parts2whole.pose_guider import PoseGuider
 
     pose = prepare_pose(_img(1, (100, 80)), H, W)
@@ -186,9 +186,9 @@ def test_pose_resizing(caplog):
     out = patch(h, {"block": ("input", 0)})
     assert torch.allclose(out[0], guider(pose)[0]) and torch.equal(out[0], out[1])
     assert patch(h, {"block": ("input", 1)}) is h
-    with caplog.at_level(logging.WARNING, logger="humanref"):
+    with collect() as warnings:
         other = patch(torch.zeros(1, 32, 4, 4), {"block": ("input", 0)})
-    assert other.shape == (1, 32, 4, 4) and "resizing the pose" in caplog.text
+    assert other.shape == (1, 32, 4, 4) and "the pose is stretched to the image" in warnings[0]
 
 
 def test_an_earlier_attn2_replace_is_kept(loaded):

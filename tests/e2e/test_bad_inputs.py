@@ -490,7 +490,7 @@ CASES: list[Case] = [
     Case("GarmentLoRAExtractor", "an empty slot name", lambda: garments_prompt(slot_1=" "), ("slot_1",)),
     Case("GarmentLoRAExtractor", "garments of different sizes",
          lambda: garments_prompt(garment_2=lambda g, *_: image(g, "face.png")), ("garment_2",)),
-    Case("GarmentLoRAExtractor", "a garment with an alpha channel", lambda: garments_prompt(
+    Case("GarmentLoRAExtractor", "a fully transparent garment (RGBA)", lambda: garments_prompt(
         garment_1=lambda g, *_: [g.add("JoinImageWithAlpha", image=image(g, "garment_upper.png"),
                                        alpha=solid(g, 1.0, 288, 384)), 0]), ("garment_1",)),
     Case("GarmentLoRAExtractor", "empty garment mask", lambda: garments_prompt(mask_1=lambda g, *_: solid(g, 0.0)),

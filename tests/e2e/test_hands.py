@@ -57,3 +57,30 @@ def test_ui_workflow_converts_to_the_api_workflow(object_info):
     for nid, node in api.items():
         assert converted[nid]["class_type"] == node["class_type"]
         assert converted[nid]["inputs"] == node["inputs"], nid
+
+
+def shifted_hands_workflow(tmp_path: Path, dx: float) -> Path:
+    """The API workflow with ``dx`` (fractions of the width) added to every x of the left hand (issue 12's repro)."""
+    workflow = json.loads(API.read_text())
+    pose = json.loads(workflow["5"]["inputs"]["pose_json"])
+    person = pose[0]["people"][0]
+    pts = person["hand_left_keypoints_2d"]
+    person["hand_left_keypoints_2d"] = [v + dx if i % 3 == 0 else v for i, v in enumerate(pts)]
+    workflow["5"]["inputs"]["pose_json"] = json.dumps(pose)
+    path = tmp_path / f"hands_shifted_{dx}.json"
+    path.write_text(json.dumps(workflow))
+    return path
+
+
+def test_a_hand_partly_beyond_the_left_border_is_generated(server_url, tmp_path):
+    proc = run(shifted_hands_workflow(tmp_path, -0.62), server_url, tmp_path)
+    check_outputs(proc)  # both hands: before, the left one was dropped ("only 3 confident keypoints")
+    assert "warning:" not in proc.stderr
+
+
+def test_a_hand_entirely_outside_is_left_out_and_the_runner_says_so(server_url, tmp_path):
+    proc = run(shifted_hands_workflow(tmp_path, -0.95), server_url, tmp_path)
+    sizes = sorted(Image.open(p).size for p in pngs(proc))
+    assert sizes == [(64, 64), (128, 192)], proc.stdout  # one hand crop, and the body
+    assert ("warning: node 5 (HumanRef_HandGenerator): frame 0 person 0: the left hand lies entirely outside the "
+            "128x192 image") in proc.stderr, proc.stderr

@@ -189,7 +189,7 @@ def hands(seed: int, size: tuple[int, int] = (128, 192), trained: bool = False, 
     p["1"]["inputs"]["ckpt_name"] = TINY_CKPT
     p["4"]["inputs"]["control_net_name"] = TINY_CONTROLNET
     p["5"]["inputs"].update(resolution=resolution, steps=2, width=size[0], height=size[1], seed=seed)
-    p["9"]["inputs"].update(seed=seed + 1, steps=steps)
+    p["9"]["inputs"].update(seed=seed + 1, steps=steps, unmasked_last_steps=min(2, steps - 1))  # must stay below steps
     if trained:
         p["5"]["inputs"]["hand_generator"] = [add_node(p, {"class_type": "HumanRef_HandGeneratorLoader",
                                                            "inputs": {"hand_generator_name": TINY_HANDS}}), 0]

@@ -80,3 +80,18 @@ def test_the_private_server_links_this_copy_only_when_comfyui_has_none(tmp_path)
     config = json.loads(open(with_copy._write_config()).read())
     assert "humanref_pack" not in config
     assert not os.path.exists(os.path.join(with_copy.tmp, "custom_nodes", "humanref"))
+
+
+def test_progress_text_frames_and_run_warnings():
+    """A node's text (ComfyUI's binary event 3) and the HumanRef nodes' ``humanref_warnings`` become one list of
+    warnings for the runner, each once."""
+    import struct
+
+    from humanref.cli.client import RunResult, parse_progress_text
+
+    frame = struct.pack(">I", 3) + struct.pack(">I", 2) + b"13" + "\u26a0 the pose is stretched".encode()
+    assert parse_progress_text(frame) == ("13", "\u26a0 the pose is stretched")
+    assert parse_progress_text(struct.pack(">I", 1) + b"\x00" * 12) is None  # a preview image
+    result = RunResult("p", {}, outputs={"5": {"humanref_warnings": ["the left hand is left out"]}, "9": {}},
+                       node_texts={"5": ["\u26a0 the left hand is left out"], "13": ["\u26a0 the pose is stretched"]})
+    assert result.warnings() == [("5", "the left hand is left out"), ("13", "the pose is stretched")]

@@ -1,18 +1,18 @@
 """IMAGE/MASK helpers (pipelines/images.py) against PIL's resize and hand-written cases."""
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from humanref.pipelines.images import (
+    BLACK,
     check_image,
     check_mask,
     check_not_empty,
     fit_mask,
+    flatten_alpha,
     one_mask,
     resize_image,
     resize_mask,
@@ -20,6 +20,7 @@ from humanref.pipelines.images import (
     to_bchw,
     to_bhwc,
 )
+from humanref.pipelines.notices import collect
 
 
 def pil_resize(image: torch.Tensor, size: tuple[int, int], resample: int) -> np.ndarray:
@@ -86,10 +87,23 @@ def test_checks_name_the_input():
         check_not_empty(torch.zeros(1, 4, 4), "mask", "no use")
 
 
-def test_fit_mask_resizes_with_a_warning(caplog):
+def test_fit_mask_resizes_with_a_warning_the_user_sees():
     mask = torch.ones(1, 4, 6)
     assert fit_mask(mask, (4, 6), "mask_1", "image_1") is mask
-    with caplog.at_level(logging.WARNING, logger="humanref"):
+    with collect() as warnings:
         out = fit_mask(mask, (8, 12), "mask_1", "image_1")
     assert out.shape == (1, 8, 12)
-    assert "mask_1 is 6x4 but image_1 is 12x8; resizing the mask to the image" in caplog.text
+    assert warnings == ["mask_1 is 6x4 but image_1 is 12x8; the mask is stretched to the image (give a mask of the "
+                        "image's size to place it exactly)"]
+
+
+def test_flatten_alpha_is_one_rule_over_white_or_black():
+    rgba = torch.tensor([[[[0.2, 0.4, 0.6, 0.25], [1.0, 0.0, 0.0, 1.0]]]])  # [1, 1, 2, 4]
+    rgb, alpha = flatten_alpha(rgba)
+    # hand-computed: c * a + 1 * (1 - a)
+    assert rgb[0, 0, 0].tolist() == pytest.approx([0.2 * 0.25 + 0.75, 0.4 * 0.25 + 0.75, 0.6 * 0.25 + 0.75])
+    assert rgb[0, 0, 1].tolist() == [1.0, 0.0, 0.0] and alpha.tolist() == [[[0.25, 1.0]]]
+    over_black, _ = flatten_alpha(rgba, BLACK)
+    assert over_black[0, 0, 0].tolist() == pytest.approx([0.05, 0.1, 0.15])
+    plain = torch.rand(1, 2, 2, 3)
+    assert flatten_alpha(plain) == (plain, None)
