@@ -1,6 +1,9 @@
 """``python -m humanref train ...``: the hand generator and garment-weights trainers, and the dataset validator.
 
-Only the standard library at import time; torch, diffusers and ComfyUI are imported by the commands.
+The trainers run on Accelerate: ``python -m humanref train ...`` is one process, ``accelerate launch -m humanref
+train ...`` runs as many as the launcher starts (every process runs this same command; the main one prints,
+logs and writes the files). Only the standard library at import time; torch, diffusers and ComfyUI are imported
+by the commands.
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ Train the weights no paper released, into the files the nodes load.
   python -m humanref train validate-data hand|garments DIR [--slots upper,lower]
       Check a dataset folder and list every problem (also done before every training run).
 
+  accelerate launch [--multi_gpu --num_processes N ...] -m humanref train hand-generator|garments ...
+      The same trainers on several GPUs or machines (data parallel; --batch-size is per process).
+
 Dataset folder formats, the losses, resuming and the outputs: README "Training". Run
 `python -m humanref train COMMAND --help` for every option.
 """
@@ -48,7 +54,8 @@ def _add_common(p: argparse.ArgumentParser, batch: int, lr: float, steps: int, s
     p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     p.add_argument("--work-dir", metavar="DIR",
                    help="checkpoints, sample grids and log.jsonl (default ./humanref-training/<FILE's name>)")
-    p.add_argument("--batch-size", type=_positive_int, default=batch, help=f"per step (default {batch})")
+    p.add_argument("--batch-size", type=_positive_int, default=batch,
+                   help=f"per step and process (effective batch = batch x accumulation x processes; default {batch})")
     p.add_argument("--gradient-accumulation", type=_positive_int, default=1, metavar="N",
                    help="accumulate N batches per optimizer step (effective batch = batch x N; default 1)")
     p.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default {lr:g})")
@@ -58,7 +65,9 @@ def _add_common(p: argparse.ArgumentParser, batch: int, lr: float, steps: int, s
     p.add_argument("--max-steps", type=_positive_int, default=steps, help=f"optimizer steps (default {steps})")
     p.add_argument("--caption-dropout", type=float, default=0.0,
                    help="probability of training a sample with an empty caption (default 0)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available), cpu, cuda, cuda:1 (one process; with several, Accelerate "
+                        "gives each its GPU)")
     p.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "fp16", "bf16"),
                    help="autocast dtype on CUDA (auto: bf16 where supported, else fp16); the CPU runs fp32")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
@@ -198,19 +207,27 @@ def _work_dir(args: argparse.Namespace, out: str) -> str:
     return os.path.abspath(os.path.join("humanref-training", os.path.basename(out)[: -len(".safetensors")]))
 
 
+def _say(text: str) -> None:
+    """A line on stderr from the main process only (every process of a launched run runs the command)."""
+    from .loop import is_main_process
+
+    if is_main_process():
+        print(text, file=sys.stderr)
+
+
 def _usable_samples(skip_validation: bool, scan: Callable[[], tuple[list, Any]], validate: Callable[[], Any]
                     ) -> Optional[list]:
     """The samples to train on (all that passed the validator), or None once the report has said why not."""
     if skip_validation:
         samples, report = scan()
         if report.errors:
-            print(report.format(), file=sys.stderr)
+            _say(report.format())
             return None
         return samples
     report = validate()
-    print(report.format(), file=sys.stderr)
+    _say(report.format())
     if not report.ok:
-        print("error: fix the dataset first (nothing was trained)", file=sys.stderr)
+        _say("error: fix the dataset first (nothing was trained)")
         return None
     usable = set(report.samples)
     return [s for s in scan()[0] if s.name in usable]
@@ -245,18 +262,17 @@ def cmd_hand(args: argparse.Namespace) -> int:
     from .base import load_base
     from .hands.data import HandDataset, collate
     from .hands.trainer import HandTask
-    from .loop import resolve_device, train
+    from .loop import pin_process_device, train
 
     loop = _loop_config(args, _work_dir(args, out))
     loop.check()
-    device = resolve_device(args.device)
+    device = pin_process_device(args.device)
     import_comfy(args.comfyui, cpu=device.type == "cpu")
     dataset = HandDataset(samples, data_config, seed=args.seed)
     base = load_base(args.base)
     task = HandTask(base, train_config, seed=args.seed)
     summary = train(task, dataset, collate, loop, out, metadata={"mask_source": mask_source})
-    _warn_truncated(task)
-    print(summary["out"])
+    _finish(task, summary)
     return EXIT_OK
 
 
@@ -285,25 +301,30 @@ def cmd_garments(args: argparse.Namespace) -> int:
     from .anydressing.data import GarmentDataset
     from .anydressing.trainer import GarmentTask, collate
     from .base import load_base
-    from .loop import resolve_device, train
+    from .loop import pin_process_device, train
 
     loop = _loop_config(args, _work_dir(args, out))
     loop.check()
-    device = resolve_device(args.device)
+    device = pin_process_device(args.device)
     import_comfy(args.comfyui, cpu=device.type == "cpu")
     dataset = GarmentDataset(samples, slots, data_config)
     base = load_base(args.base)
     task = GarmentTask(base, train_config, seed=args.seed)
     summary = train(task, dataset, collate, loop, out)
-    _warn_truncated(task)
-    print(summary["out"])
+    _finish(task, summary)
     return EXIT_OK
 
 
-def _warn_truncated(task) -> None:
+def _finish(task, summary: dict) -> None:
+    """The file's path on stdout (main process), the note on long captions, the process group closed."""
+    from .loop import end_processes, is_main_process
+
     n = getattr(task.text, "truncated", 0)
     if n:
-        print(f"note: {n} caption(s) were longer than CLIP's 77 tokens and were truncated", file=sys.stderr)
+        _say(f"note: {n} caption(s) were longer than CLIP's 77 tokens and were truncated")
+    if is_main_process():
+        print(summary["out"])
+    end_processes()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,11 +1,19 @@
-"""The training loop both trainers share: AdamW, mixed precision, gradient accumulation and clipping,
-checkpoints in the final file layout plus an optimizer state, exact resume, sample grids, logs.
+"""The training loop both trainers share, on Hugging Face Accelerate: one code path for a CPU, one GPU, several
+GPUs or several machines (``python -m humanref train ...`` is one process; ``accelerate launch -m humanref train
+...`` runs any number, DDP).
 
-A task (``HandTask``, ``GarmentTask``) supplies the model side through a small protocol; the loop owns the
-order of data (a per-epoch permutation from the seed), the per-step random generator (seeded by the step) and
-the files. A checkpoint is ``checkpoints/step_NNNNNNN.safetensors`` in the very layout the nodes load (so any
-checkpoint can be tried in ComfyUI) next to ``step_NNNNNNN.state.pt`` (optimizer, step, settings; read back
-with ``weights_only``).
+Accelerate owns what is not specific to these models: the processes and devices, mixed precision (autocast and
+the fp16 gradient scaler), gradient accumulation (no gradient sync on the accumulating micro-batches), gradient
+clipping and the sharding of the data over the processes. The loop owns what is: the order of the data (a
+per-epoch permutation from the seed, one global stream that Accelerate deals out batch by batch), the per-step
+random generators (a function of seed, step and process index), the AdamW groups and linear warm-up, the files
+and the sample grids. A task (``HandTask``, ``GarmentTask``) supplies the model side through a small protocol.
+
+A checkpoint is ``checkpoints/step_NNNNNNN.safetensors`` in the very layout the nodes load (so any checkpoint can
+be tried in ComfyUI) next to ``step_NNNNNNN.state.pt`` (optimizer, scaler, step, examples consumed, settings;
+read back with ``weights_only``); the main process writes them. Resuming on the same number of processes ends
+bit-identical to an uninterrupted run. Ctrl-C asks every process to stop after the current step (the processes
+agree on which one), then the main process saves a checkpoint.
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ import glob
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -24,8 +33,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
 STATE_FORMAT = "humanref-training-state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2 adds "examples" (the data position) and "processes"; 1 (single process) is still read
 PRECISIONS = ("auto", "no", "fp16", "bf16")
+# process p's step seeds are offset by p * this; torch's CPU generator keeps the seed mod 2**32, and modulo 2**32 no
+# two processes' seeds meet within 10 M steps (checked for up to 278 processes)
+PROCESS_SEED_STRIDE = 0x9E3779B1
 
 
 class TrainingTask(Protocol):
@@ -46,7 +58,7 @@ class TrainingTask(Protocol):
 class LoopConfig:
     work_dir: str
     max_steps: int
-    batch_size: int
+    batch_size: int  # per process
     lr_warmup_steps: int = 0
     gradient_accumulation: int = 1
     max_grad_norm: float = 1.0
@@ -76,6 +88,22 @@ class LoopConfig:
             raise ValueError(f"--mixed-precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
 
 
+def launched_processes() -> int:
+    """How many processes the launcher (accelerate launch, torchrun, mpirun) started; 1 for a plain run."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launched run (from the launcher's environment, before any process group exists)."""
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name]) == 0
+    return True
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,7 +113,29 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"--device {name!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available in this torch build / machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: the trainers run on cpu or cuda")
+    if device.index is not None and launched_processes() > 1:
+        raise ValueError(f"--device {name}: with several processes Accelerate gives each its GPU; give --device cuda "
+                         "and choose the GPUs with CUDA_VISIBLE_DEVICES or accelerate launch --gpu_ids")
     return device
+
+
+def pin_process_device(name: str) -> torch.device:
+    """The device of ``--device`` for this process, made current before anything (ComfyUI's CLIP, the VAE) is
+    placed: a launched process's own GPU (LOCAL_RANK), as Accelerate will choose it."""
+    device = resolve_device(name)
+    if device.type == "cuda":
+        if launched_processes() > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device if device.index is not None else torch.cuda.current_device())
+    return device
+
+
+def end_processes() -> None:
+    """Close the process group of a launched run (the command's last step; torch warns at exit otherwise)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
@@ -111,13 +161,17 @@ def autocast_for(device: torch.device, dtype: Optional[torch.dtype]):
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The random numbers of one optimisation step (noise, timesteps, dropouts): a function of seed and step."""
-    return torch.Generator().manual_seed(seed * 7_919 + step * 104_729 + 1)
+def step_generator(seed: int, step: int, process: int = 0) -> torch.Generator:
+    """The random numbers of one optimisation step on one process (noise, timesteps, dropouts): a function of
+    seed, step and process index (process 0 draws what a single-process run draws)."""
+    return torch.Generator().manual_seed(seed * 7_919 + step * 104_729 + 1 + process * PROCESS_SEED_STRIDE)
 
 
 class EpochSampler(Sampler):
-    """(epoch, index) pairs: a fresh permutation of the dataset per epoch, from the seed; can start mid-way."""
+    """(epoch, index) pairs: a fresh permutation of the dataset per epoch, from the seed; can start mid-way.
+
+    One global stream: Accelerate deals its batches out to the processes in turn (batch i to process
+    i mod N), so N processes with batch b see, per step, the examples one process with batch N * b sees."""
 
     def __init__(self, size: int, seed: int, start: int = 0) -> None:
         self.size = size
@@ -171,13 +225,15 @@ def find_resume(resume: str, work_dir: str) -> tuple[str, str]:
 
 
 def save_checkpoint(task: TrainingTask, optimizer: torch.optim.Optimizer, scaler: Any, step: int, work_dir: str,
-                    keep: int, metadata: dict) -> str:
+                    keep: int, metadata: dict, examples: int = 0, processes: int = 1) -> str:
+    """The weights in the nodes' layout and the state to resume from (call on the main process only)."""
     folder = os.path.join(work_dir, "checkpoints")
     os.makedirs(folder, exist_ok=True)
     stem = os.path.join(folder, f"step_{step:07d}")
     task.save(stem + ".safetensors", dict(metadata, step=str(step)))
-    state = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": step, "settings": task.settings(),
-             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {}}
+    state = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": step, "examples": examples,
+             "processes": processes, "settings": task.settings(), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict() if scaler is not None else {}}
     torch.save(state, stem + ".state.pt.part")
     os.replace(stem + ".state.pt.part", stem + ".state.pt")
     for _step, path in checkpoint_paths(work_dir)[:-keep]:
@@ -191,7 +247,7 @@ def load_state(path: str) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"{path} is not a HumanRef training state (format {STATE_FORMAT!r})")
-    if state.get("version") != STATE_VERSION:
+    if state.get("version") not in (1, STATE_VERSION):
         raise ValueError(f"{path}: training state version {state.get('version')} is not supported")
     return state
 
@@ -209,15 +265,60 @@ def _move(batch: dict, device: torch.device) -> dict:
 
 
 class Log:
-    def __init__(self, work_dir: str, stream: Any = None) -> None:
+    """log.jsonl and the progress lines; silent on every process but the main one."""
+
+    def __init__(self, work_dir: str, stream: Any = None, enabled: bool = True) -> None:
         self.path = os.path.join(work_dir, "log.jsonl")
         self.stream = stream  # None: sys.stderr at the time of writing
+        self.enabled = enabled
 
     def __call__(self, record: dict, text: Optional[str] = None) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if text is not None:
             print(text, file=self.stream or sys.stderr, flush=True)
+
+
+class TaskModule(torch.nn.Module):
+    """The task's trainable modules as one module whose forward is the task's loss: what Accelerate wraps (DDP
+    registers the gradient all-reduce on these parameters and needs the loss computed in its forward)."""
+
+    def __init__(self, task: TrainingTask) -> None:
+        super().__init__()
+        self.parts = torch.nn.ModuleList(task.modules())
+        self.task = task
+
+    def forward(self, batch: dict, generator: torch.Generator, autocast: Any) -> tuple[Tensor, dict]:
+        return self.task.compute_loss(batch, generator, autocast)
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) while training: the first one asks to stop after the current step, so that no process is
+    left in the middle of an optimizer update or a collective; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again: stop now)", file=sys.stderr,
+              flush=True)
+
+    def __enter__(self) -> StopRequest:
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: Ctrl-C keeps its default behaviour
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 @dataclass
@@ -226,96 +327,152 @@ class _Run:
 
     task: TrainingTask
     config: LoopConfig
-    device: torch.device
-    autocast: Any
+    accelerator: Any  # accelerate.Accelerator
+    model: torch.nn.Module  # TaskModule as Accelerate prepared it (DDP with several processes)
     optimizer: torch.optim.Optimizer
-    scaler: Optional[torch.amp.GradScaler]
     trainable: list[Tensor]
     log: Log
     metadata: dict
     step: int = 0
+    examples: int = 0  # taken from the data stream by all processes together
+    updating: bool = False  # inside the optimizer update: the weights are not those of a step
     last: dict = field(default_factory=dict)  # the last step's losses and gradient norm
     step_seconds: list[float] = field(default_factory=list)  # since the last log line
     last_checkpoint: Optional[str] = None
 
     @property
     def per_step(self) -> int:
-        return self.config.batch_size * self.config.gradient_accumulation
+        """Examples per optimizer step, all processes together."""
+        return self.config.batch_size * self.config.gradient_accumulation * self.accelerator.num_processes
 
-    def checkpoint(self) -> str:
-        self.last_checkpoint = save_checkpoint(self.task, self.optimizer, self.scaler, self.step,
-                                               self.config.work_dir, self.config.keep_checkpoints, self.metadata)
-        return self.last_checkpoint
+    def checkpoint(self) -> Optional[str]:
+        """Written by the main process; the others only note the path."""
+        path = os.path.join(self.config.work_dir, "checkpoints", f"step_{self.step:07d}.safetensors")
+        if self.accelerator.is_main_process:
+            path = save_checkpoint(self.task, self.optimizer, self.accelerator.scaler, self.step,
+                                   self.config.work_dir, self.config.keep_checkpoints, self.metadata, self.examples,
+                                   self.accelerator.num_processes)
+        self.last_checkpoint = path
+        return path
 
 
-def _optimizer(task: TrainingTask, config: LoopConfig, device: torch.device, dtype: Optional[torch.dtype]
-               ) -> tuple[torch.optim.Optimizer, Optional[torch.amp.GradScaler], list[Tensor]]:
-    """AdamW over the task's groups (each remembers its base lr for the warm-up), a scaler for fp16."""
+def make_accelerator(config: LoopConfig) -> Any:
+    """The Accelerator of one run: device, processes, mixed precision, gradient accumulation.
+
+    ``--mixed-precision`` decides (``auto``: bf16 on CUDA where supported, else fp16; fp32 on the CPU), also
+    under ``accelerate launch``. Runs that take the whole machine as one process may call :func:`train` again
+    with other settings (Accelerate's process-wide state is reset first); launched processes never reset it.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    device = resolve_device(config.device)
+    dtype = resolve_precision(config.mixed_precision, device)
+    if launched_processes() == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # Accelerate's single process runs on the current CUDA device
+    precision = {None: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision,
+                              gradient_accumulation_steps=config.gradient_accumulation, rng_types=[])
+    supported = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    if accelerator.distributed_type not in supported:
+        raise ValueError(f"accelerate launch: {accelerator.distributed_type.value} is not supported by the trainers "
+                         "(they call the model's parts directly, which sharded FSDP/DeepSpeed engines do not "
+                         "allow); SD1.5 fits one GPU: use data parallel (accelerate launch --multi_gpu)")
+    return accelerator
+
+
+def _optimizer(task: TrainingTask, config: LoopConfig) -> tuple[torch.optim.Optimizer, list[Tensor]]:
+    """AdamW over the task's groups (each remembers its base lr for the warm-up)."""
     groups = task.param_groups()
     for g in groups:
         g.setdefault("weight_decay", config.weight_decay)
         g["initial_lr"] = g["lr"]
     optimizer = torch.optim.AdamW(groups, foreach=True)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    return optimizer, scaler, [p for g in groups for p in g["params"]]
+    return optimizer, [p for g in groups for p in g["params"]]
 
 
-def _resume(run: _Run) -> None:
-    """Weights, optimizer and scaler state and the step of ``--resume``; the settings must match this run's."""
-    weights, state_path = find_resume(run.config.resume, run.config.work_dir)
+def _resume(task: TrainingTask, config: LoopConfig, optimizer: torch.optim.Optimizer, accelerator: Any
+            ) -> tuple[int, int, str]:
+    """Weights, optimizer and scaler state of ``--resume`` (every process reads them); the settings must match
+    this run's. Returns (step, examples consumed, weights file)."""
+    weights, state_path = find_resume(config.resume, config.work_dir)
     state = load_state(state_path)
-    if state["settings"] != run.task.settings():
+    if state["settings"] != task.settings():
         raise ValueError(f"--resume {state_path}: the checkpoint was trained with {state['settings']}, this run "
-                         f"has {run.task.settings()}; resume with the same settings")
-    run.task.load(weights)
-    run.optimizer.load_state_dict(state["optimizer"])
-    if run.scaler is not None and state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
-    run.step = int(state["step"])
-    run.log({"event": "resume", "step": run.step, "from": weights}, f"resumed from {weights} at step {run.step}")
+                         f"has {task.settings()}; resume with the same settings")
+    task.load(weights)
+    optimizer.load_state_dict(state["optimizer"])
+    if accelerator.scaler is not None and state.get("scaler"):
+        accelerator.scaler.load_state_dict(state["scaler"])
+    step = int(state["step"])
+    # version 1 states come from single-process runs: the position is step x batch x accumulation
+    examples = int(state.get("examples", step * config.batch_size * config.gradient_accumulation))
+    return step, examples, weights
 
 
 def _optimizer_step(run: _Run, batches: Iterator[dict]) -> dict[str, float]:
-    """One optimizer step over ``gradient_accumulation`` batches; returns the mean loss parts."""
-    config, optimizer, scaler = run.config, run.optimizer, run.scaler
+    """One optimizer step over ``gradient_accumulation`` batches per process; returns this process's mean loss
+    parts. Accelerate scales the loss, skips the gradient all-reduce until the last micro-batch, unscales fp16
+    gradients before clipping and steps the scaler."""
+    config, optimizer, accelerator = run.config, run.optimizer, run.accelerator
     factor = min(1.0, (run.step + 1) / config.lr_warmup_steps) if config.lr_warmup_steps else 1.0
     for g in optimizer.param_groups:
         g["lr"] = g["initial_lr"] * factor
-    optimizer.zero_grad(set_to_none=True)
-    gen = step_generator(config.seed, run.step)
+    gen = step_generator(config.seed, run.step, accelerator.process_index)
     totals: dict[str, float] = {}
-    for _ in range(config.gradient_accumulation):
-        batch = _move(next(batches), run.device)
-        loss, parts = run.task.compute_loss(batch, gen, run.autocast)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {run.step}: the loss is {float(loss)} ({parts}); lower --lr, or use "
-                                     "--mixed-precision bf16/no instead of fp16")
-        scaled = loss / config.gradient_accumulation
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    grad_norm = None
+    for micro in range(config.gradient_accumulation):
+        batch = next(batches)
+        with accelerator.accumulate(run.model):
+            loss, parts = run.model(batch, gen, accelerator.autocast)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {run.step}: the loss is {float(loss)} ({parts}); lower --lr, or use "
+                                         "--mixed-precision bf16/no instead of fp16")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients != (micro == config.gradient_accumulation - 1):
+                raise RuntimeError(f"step {run.step}: Accelerate's accumulation is out of step with the loop")
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(run.trainable, config.max_grad_norm
+                                                        if config.max_grad_norm > 0 else math.inf)
+                run.updating = True
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                run.updating = False
         for k, v in parts.items():
             totals[k] = totals.get(k, 0.0) + float(v) / config.gradient_accumulation
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, config.max_grad_norm if config.max_grad_norm > 0
-                                               else math.inf)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
     run.step += 1
+    run.examples += run.per_step
     run.last = dict(totals, grad_norm=float(grad_norm))
     return totals
 
 
+def _mean_over_processes(run: _Run, losses: dict[str, float]) -> dict[str, float]:
+    if run.accelerator.num_processes == 1 or not losses:
+        return losses
+    values = torch.tensor(list(losses.values()), dtype=torch.float64, device=run.accelerator.device)
+    return dict(zip(losses, run.accelerator.reduce(values, reduction="mean").tolist()))
+
+
+def _stop_agreed(run: _Run, stop: StopRequest) -> bool:
+    """Whether any process was asked to stop: the same answer on every process, so all stop after one step."""
+    if run.accelerator.num_processes == 1:
+        return stop.requested
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=run.accelerator.device)
+    return bool(run.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
 def _periodic(run: _Run, losses: dict[str, float], sample_batch: Optional[dict]) -> None:
-    """After a step: the log line, the checkpoint and the sample grid that are due."""
+    """After a step: the log line, the checkpoint and the sample grid that are due (every process calls it)."""
     config, step = run.config, run.step
     if config.log_every and (step % config.log_every == 0 or step == config.max_steps):
+        losses = _mean_over_processes(run, losses)
         speed = run.per_step * len(run.step_seconds) / max(sum(run.step_seconds), 1e-9)
         run.step_seconds.clear()
         text = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
-        run.log({"event": "step", "step": step, **run.last, "lr": run.optimizer.param_groups[0]["lr"],
+        run.log({"event": "step", "step": step, **run.last, **losses, "lr": run.optimizer.param_groups[0]["lr"],
                  "samples_per_s": speed}, f"step {step}/{config.max_steps}: {text} ({speed:.2f} samples/s)")
     if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:
         path = run.checkpoint()
@@ -325,14 +482,14 @@ def _periodic(run: _Run, losses: dict[str, float], sample_batch: Optional[dict])
 
 
 def _samples(run: _Run, sample_batch: dict) -> None:
-    """The sample grid of this step (always from the same seed), modules in eval mode meanwhile."""
+    """The sample grid of this step (always from the same seed), modules in eval mode meanwhile; main process."""
     path = os.path.join(run.config.work_dir, "samples", f"step_{run.step:07d}.png")
     modules = run.task.modules()
     for m in modules:
         m.eval()
     with torch.no_grad():
-        grid = run.task.sample_grid(_move(sample_batch, run.device), torch.Generator().manual_seed(run.config.seed),
-                                    run.autocast)
+        grid = run.task.sample_grid(_move(sample_batch, run.accelerator.device),
+                                    torch.Generator().manual_seed(run.config.seed), run.accelerator.autocast)
     for m in modules:
         m.train()
     save_png(grid, path)
@@ -341,53 +498,73 @@ def _samples(run: _Run, sample_batch: dict) -> None:
 
 def train(task: TrainingTask, dataset: Any, collate: Any, config: LoopConfig, out_path: str,
           metadata: Optional[dict] = None, log_stream: Any = None) -> dict:
-    """Run the loop to config.max_steps and write ``out_path``; returns a summary (last losses, speed, files)."""
+    """Run the loop to config.max_steps and write ``out_path`` (main process); returns a summary (last losses,
+    speed, files) on every process. Call it in every process of a launched run, with the same arguments."""
     config.check()
-    device = resolve_device(config.device)
-    dtype = resolve_precision(config.mixed_precision, device)
+    accelerator = make_accelerator(config)
+    device = accelerator.device
+    main = accelerator.is_main_process
     checkpointing = device.type == "cuda" if config.gradient_checkpointing is None else config.gradient_checkpointing
-    os.makedirs(os.path.join(config.work_dir, "samples"), exist_ok=True)
-    log = Log(config.work_dir, log_stream)
+    if main:
+        os.makedirs(os.path.join(config.work_dir, "samples"), exist_ok=True)
+    log = Log(config.work_dir, log_stream, enabled=main)
 
     task.to(device)
     task.set_gradient_checkpointing(checkpointing)
-    optimizer, scaler, trainable = _optimizer(task, config, device, dtype)
-    run = _Run(task, config, device, autocast_for(device, dtype), optimizer, scaler, trainable, log,
-               dict(metadata or {}))
+    optimizer, trainable = _optimizer(task, config)
+    step = examples = 0
+    resumed_from = None
     if config.resume:
-        _resume(run)
-    loader = DataLoader(dataset, batch_size=config.batch_size, collate_fn=collate, num_workers=config.workers,
-                        sampler=EpochSampler(len(dataset), config.seed, start=run.step * run.per_step),
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+        step, examples, resumed_from = _resume(task, config, optimizer, accelerator)
+    model, optimizer = accelerator.prepare(TaskModule(task), optimizer)
+    run = _Run(task, config, accelerator, model, optimizer, trainable, log, dict(metadata or {}), step=step,
+               examples=examples)
+    if resumed_from is not None:
+        log({"event": "resume", "step": run.step, "from": resumed_from},
+            f"resumed from {resumed_from} at step {run.step}")
+    loader = accelerator.prepare(DataLoader(dataset, batch_size=config.batch_size, collate_fn=collate,
+                                            num_workers=config.workers, pin_memory=device.type == "cuda",
+                                            sampler=EpochSampler(len(dataset), config.seed, start=run.examples)))
     batches = iter(loader)
     sample_batch = None
-    if config.sample_every and config.sample_count:
+    if main and config.sample_every and config.sample_count:
         sample_batch = collate([dataset[(0, i % len(dataset))] for i in range(config.sample_count)])
     for m in task.modules():
         m.train()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     log({"event": "start", "kind": task.kind, "step": run.step, "max_steps": config.max_steps,
-         "device": str(device), "precision": str(dtype or torch.float32), "gradient_checkpointing": checkpointing,
-         "loop": asdict(config), "settings": task.settings()},
+         "device": str(device), "processes": accelerator.num_processes, "precision": str(dtype),
+         "gradient_checkpointing": checkpointing, "loop": asdict(config), "settings": task.settings()},
         f"{task.kind}: {len(dataset)} samples, steps {run.step}..{config.max_steps}, batch {config.batch_size} x "
-        f"{config.gradient_accumulation}, {device}, {dtype or torch.float32}, gradient checkpointing "
-        f"{'on' if checkpointing else 'off'}")
+        f"{config.gradient_accumulation} x {accelerator.num_processes} process(es), {device}, {dtype}, gradient "
+        f"checkpointing {'on' if checkpointing else 'off'}")
     t_start, samples_seen = time.monotonic(), 0
     try:
-        while run.step < config.max_steps:
-            t0 = time.monotonic()
-            losses = _optimizer_step(run, batches)
-            samples_seen += run.per_step
-            run.step_seconds.append(time.monotonic() - t0)
-            _periodic(run, losses, sample_batch)
+        with StopRequest() as stop:
+            while run.step < config.max_steps:
+                t0 = time.monotonic()
+                losses = _optimizer_step(run, batches)
+                samples_seen += run.per_step
+                run.step_seconds.append(time.monotonic() - t0)
+                _periodic(run, losses, sample_batch)
+                if run.step < config.max_steps and _stop_agreed(run, stop):
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
-        if run.step > 0:
+        # the weights are those of run.step unless the interrupt came inside the update; no collectives here
+        if run.step > 0 and not run.updating:
             path = run.checkpoint()
             log({"event": "interrupted", "step": run.step, "path": path},
                 f"interrupted: saved {path}; continue with --resume latest")
         raise
-    task.save(out_path, dict(run.metadata, step=str(run.step)))
+    finally:
+        batches.close()
+        loader.end()  # Accelerate's registry of active loaders (the stream is infinite, it never ends by itself)
+    if main:
+        task.save(out_path, dict(run.metadata, step=str(run.step)))
+    accelerator.wait_for_everyone()  # every process returns once the file exists
     elapsed = time.monotonic() - t_start
     summary = {"event": "done", "step": run.step, "out": out_path, "last": run.last, "seconds": elapsed,
-               "samples_per_s": samples_seen / elapsed if elapsed > 0 else 0.0, "last_checkpoint": run.last_checkpoint}
+               "samples_per_s": samples_seen / elapsed if elapsed > 0 else 0.0, "processes": accelerator.num_processes,
+               "last_checkpoint": run.last_checkpoint}
     log(summary, f"wrote {out_path} after {run.step} steps")
     return summary
