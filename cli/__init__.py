@@ -25,6 +25,12 @@ HumanRef command line.
       folders, this pack installed, stopped at the end); show progress; save the outputs to --out
       (default ./humanref-out). Image files given with --set to LoadImage-like nodes are uploaded.
 
+  python -m humanref batch WORKFLOW.json --table ROWS.csv|ROWS.jsonl --server URL [--server URL ...] --out DIR
+  python -m humanref batch WORKFLOW.json --table ROWS.csv --comfyui PATH --workers N [--models DIR] --out DIR
+      Run the workflow once per row of a table (NODE.INPUT columns, meant as --set NODE.INPUT=VALUE), spread
+      over several servers (shortest queue first; a lost server's rows go to the others), outputs per row and
+      a manifest in DIR; a rerun into the same DIR skips the rows already done. See docs/batch.md.
+
   python -m humanref tiny-models DIR [--comfyui PATH] [--force]
       Write small synthetic models (random weights) for the example workflows into a ComfyUI models
       layout under DIR (DIR/checkpoints/humanref-tiny-sd15.safetensors), e.g. for run --models DIR.
@@ -57,6 +63,28 @@ image input of a LoadImage-like node, is uploaded (POST /upload/image) and repla
 
 exit status: 0 done, 1 rejected by the server / a node failed / timeout / server error, 2 bad arguments or
 workflow, 130 interrupted. Saved files are printed on stdout, progress and errors on stderr.
+"""
+
+BATCH_EPILOG = """\
+examples:
+  python -m humanref batch workflows/api/references.json --table jobs.csv --inputs workflows/inputs \\
+      --server http://10.0.0.5:8188 --server http://10.0.0.6:8188 --out batch-out
+  python -m humanref batch workflows/api/references.json --table jobs.jsonl --comfyui /opt/ComfyUI --workers 4
+
+jobs.csv: a header of NODE.INPUT columns (NODE as in --set: id, unique title or class type), one row per prompt:
+  id,13.seed,2.image,10.text
+  anna,1,faces/anna.png,a woman in a park
+A cell means what --set NODE.INPUT=CELL means (JSON when it parses, else text; an image file given to a
+LoadImage-like node is uploaded; a relative path is looked up next to the table first); an empty cell leaves the
+input as it is. In JSONL each line is an object of the same keys with JSON values. The optional id column names
+the rows (else 0001, 0002, ...); columns starting with '#' are notes.
+
+Each finished row is appended to DIR/manifest.jsonl (row, id, status done/failed, server, seed, files, seconds,
+error, warnings, attempts); its files are in DIR/ROW_ID/. A rerun with the same --out skips the rows done (same
+values, workflow, --set and --inputs, files present) and runs the others, failed ones included.
+
+exit status: 0 every row done, 1 a row failed or was not run (no server left), 2 bad arguments, workflow or
+table, 130 interrupted (run the same command again to finish). Saved files are printed on stdout.
 """
 
 TINY_EPILOG = """\
@@ -103,6 +131,46 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--print-prompt", action="store_true",
                      help="print the API prompt that would be queued (after conversion and --set) and exit")
     run.add_argument("--save-temp", action="store_true", help="also save temporary outputs (PreviewImage)")
+
+    batch = sub.add_parser("batch", help="run a workflow once per row of a table, over several ComfyUI servers",
+                           description="Run a workflow once per row of a CSV or JSONL table (NODE.INPUT columns, "
+                                       "each meant as --set NODE.INPUT=VALUE), on one or more ComfyUI servers.",
+                           epilog=BATCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    batch.add_argument("workflow", help="workflow JSON file (API or UI format)")
+    batch.add_argument("--table", required=True, metavar="FILE",
+                       help="the rows: .csv/.tsv (a header of NODE.INPUT columns) or .jsonl (one object per line)")
+    batch.add_argument("--server", action="append", metavar="URL",
+                       help=f"a running ComfyUI server (repeatable; default {DEFAULT_SERVER} without --comfyui)")
+    batch.add_argument("--comfyui", metavar="PATH",
+                       help="start --workers private ComfyUI servers from this folder (as run --comfyui does)")
+    batch.add_argument("--workers", type=int, metavar="N",
+                       help="with --comfyui: how many servers (default: one per GPU, 1 on a CPU machine)")
+    batch.add_argument("--out", default="humanref-batch", metavar="DIR",
+                       help="outputs per row (DIR/ROW_ID/) and DIR/manifest.jsonl (default ./humanref-batch)")
+    batch.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                       help="override a node input for every row (a row's own column wins; repeatable)")
+    batch.add_argument("--inputs", metavar="DIR",
+                       help="upload the images that the workflow's LoadImage-like nodes name, when they exist in DIR")
+    batch.add_argument("--models", metavar="DIR", help="with --comfyui: a models folder in ComfyUI's layout")
+    batch.add_argument("--depth", type=int, default=2, metavar="N",
+                       help="keep at most N prompts queued on a server, counting everyone's (default 2)")
+    batch.add_argument("--retries", type=int, default=0, metavar="N",
+                       help="run a row that failed on a server (rejected, node error, timeout) up to N more times, "
+                            "on another server when there is one (default 0: reported, not retried)")
+    batch.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS",
+                       help="a row running longer than this is cancelled and failed (default 900)")
+    batch.add_argument("--server-wait", type=float, default=60.0, metavar="SECONDS",
+                       help="when no server answers, wait this long for one before giving up (default 60)")
+    batch.add_argument("--request-timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="timeout of one HTTP request (default 60)")
+    batch.add_argument("--start-timeout", type=float, default=180.0, metavar="SECONDS",
+                       help="with --comfyui: how long to wait for each server to start (default 180)")
+    batch.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=None,
+                       help="with --comfyui: pass --cpu to ComfyUI (default: when torch sees no GPU)")
+    batch.add_argument("--comfyui-args", default="", metavar="ARGS",
+                       help="with --comfyui: more ComfyUI arguments, written with '=': --comfyui-args='--lowvram'")
+    batch.add_argument("--server-logs", metavar="DIR", help="with --comfyui: keep each server's log as DIR/sN.log")
+    batch.add_argument("--save-temp", action="store_true", help="also save temporary outputs (PreviewImage)")
 
     tiny = sub.add_parser("tiny-models", help="write small synthetic models for the example workflows",
                           description="Write small synthetic models (random weights) for every example workflow "
@@ -276,6 +344,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "batch":
+            from .batch import cmd_batch
+
+            return cmd_batch(args)
         if args.command == "render":
             from .render import render_file
 
