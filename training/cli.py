@@ -33,7 +33,7 @@ Train the weights no paper released, into the files the nodes load.
   accelerate launch [--multi_gpu --num_processes N ...] -m humanref train hand-generator|garments ...
       The same trainers on several GPUs or machines (data parallel; --batch-size is per process).
 
-Dataset folder formats, the losses, resuming and the outputs: README "Training". Run
+Dataset folder formats, the losses, resuming, several GPUs and the outputs: docs/training.md. Run
 `python -m humanref train COMMAND --help` for every option.
 """
 

@@ -42,6 +42,8 @@ PROCESS_SEED_STRIDE = 0x9E3779B1
 
 class TrainingTask(Protocol):
     kind: str
+    # optional ``unused_parameters = True``: some trainable parameters get no gradient in a step (DDP then
+    # looks for them in every step's graph)
 
     def modules(self) -> Sequence[torch.nn.Module]: ...  # put in train() mode; the trainable ones
     def param_groups(self) -> list[dict]: ...
@@ -356,7 +358,7 @@ class _Run:
         return path
 
 
-def make_accelerator(config: LoopConfig) -> Any:
+def make_accelerator(config: LoopConfig, unused_parameters: bool = False) -> Any:
     """The Accelerator of one run: device, processes, mixed precision, gradient accumulation.
 
     ``--mixed-precision`` decides (``auto``: bf16 on CUDA where supported, else fp16; fp32 on the CPU), also
@@ -365,7 +367,7 @@ def make_accelerator(config: LoopConfig) -> Any:
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
     device = resolve_device(config.device)
     dtype = resolve_precision(config.mixed_precision, device)
@@ -375,7 +377,8 @@ def make_accelerator(config: LoopConfig) -> Any:
             torch.cuda.set_device(device)  # Accelerate's single process runs on the current CUDA device
     precision = {None: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision,
-                              gradient_accumulation_steps=config.gradient_accumulation, rng_types=[])
+                              gradient_accumulation_steps=config.gradient_accumulation, rng_types=[],
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused_parameters)])
     supported = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
     if accelerator.distributed_type not in supported:
         raise ValueError(f"accelerate launch: {accelerator.distributed_type.value} is not supported by the trainers "
@@ -501,7 +504,7 @@ def train(task: TrainingTask, dataset: Any, collate: Any, config: LoopConfig, ou
     """Run the loop to config.max_steps and write ``out_path`` (main process); returns a summary (last losses,
     speed, files) on every process. Call it in every process of a launched run, with the same arguments."""
     config.check()
-    accelerator = make_accelerator(config)
+    accelerator = make_accelerator(config, bool(getattr(task, "unused_parameters", False)))
     device = accelerator.device
     main = accelerator.is_main_process
     checkpointing = device.type == "cuda" if config.gradient_checkpointing is None else config.gradient_checkpointing

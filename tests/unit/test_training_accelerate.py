@@ -98,6 +98,22 @@ class MLPTask:
         return {"kind": self.kind, "dtype": str(self.dtype)}
 
 
+class UnusedParameterTask(MLPTask):
+    """A trainable module that never reaches the loss (as the garment writer's last LoRA): DDP must be told."""
+
+    unused_parameters = True
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.idle = torch.nn.Linear(2, 2).to(self.dtype)
+
+    def modules(self):
+        return [self.model, self.idle]
+
+    def param_groups(self):
+        return [{"params": list(self.model.parameters()) + list(self.idle.parameters()), "lr": LR}]
+
+
 def config(work, batch, accumulation=1, **kw):
     base = dict(work_dir=str(work), max_steps=STEPS, batch_size=batch, gradient_accumulation=accumulation,
                 checkpoint_every=0, sample_every=0, log_every=1, seed=SEED, max_grad_norm=1.0, device="cpu")
@@ -123,6 +139,11 @@ def worker(mode: str, folder: str) -> None:
             train(task, Data(), collate, config(os.path.join(folder, name), batch, accumulation),
                   os.path.join(folder, f"{name}.safetensors"))
             record[name] = task.calls
+        task = UnusedParameterTask(torch.float32, rank=rank)
+        train(task, Data(), collate, config(os.path.join(folder, "unused"), 2),
+              os.path.join(folder, "unused.safetensors"))
+        record["unused"] = [float((p - q).abs().max()) for p, q in zip(task.idle.parameters(),
+                                                                       UnusedParameterTask().idle.parameters())]
         # rank 1 alone gets Ctrl-C during its 3rd step: both processes stop after step 3, rank 0 saves it
         task = MLPTask(torch.float32, sigint_at=(1, 3), rank=rank)
         try:
@@ -207,6 +228,9 @@ def test_two_processes_equal_one_with_both_batches_and_resume_exactly(tmp_path):
         print(f"{name}: max |2 processes - 1 process| = {diff:.3e}")
         assert float((b - start).abs().max()) > 1e-3
         assert diff <= (1e-12 if name == "fp64" else 1e-6), (name, diff)
+    # a trainable module outside the loss: trained along, left as it was (same weights as the plain run)
+    assert two[0]["unused"] == two[1]["unused"] == [0.0, 0.0]
+    assert torch.equal(params(tmp_path / "unused.safetensors"), params(tmp_path / "fp32.safetensors"))
     # a different data order gives a clearly different result (the comparison can fail)
     task = MLPTask(torch.float32)
     train(task, Data(), collate, config(tmp_path / "other", 4, seed=SEED + 1), str(tmp_path / "other.safetensors"))

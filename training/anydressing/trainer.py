@@ -61,6 +61,9 @@ class GarmentTrainConfig:
 
 class GarmentTask(UNetTask):
     kind = "garments"
+    # some writer LoRA parameters never get a gradient (the reader reads only the writer blocks' attention
+    # inputs, so what the last block's LoRA changes goes nowhere); DDP must look for them
+    unused_parameters = True
 
     def __init__(self, base: BaseModel, config: GarmentTrainConfig, seed: int = 0) -> None:
         self._init_common(base, config)
