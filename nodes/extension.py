@@ -5,6 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from .anydressing import GarmentLoRAExtractor
+from .banks import LoadReferenceBank, SaveReferenceBank
 from .hands import HandCanvas, HandGenerator, HandGeneratorLoader, SequentialMaskExpandOutpaint
 from .mimicbrush import MimicBrushConditioning, MimicBrushLoader, MimicBrushPaste
 from .parts2whole import Parts2WholeApply, Parts2WholeLoader
@@ -13,6 +14,8 @@ from .references import MaskedSharedAttentionPatch, ReferenceEncoder
 NODES: list[type[io.ComfyNode]] = [
     ReferenceEncoder,
     MaskedSharedAttentionPatch,
+    SaveReferenceBank,
+    LoadReferenceBank,
     Parts2WholeLoader,
     Parts2WholeApply,
     MimicBrushLoader,

@@ -13,24 +13,31 @@ from dataclasses import dataclass
 class ModelFolder:
     holds: str  # what a user puts there, for the "not found" message
     marker: str = ""  # set when entries are folders (a diffusers-style release): the file each must hold
+    extensions: tuple[str, ...] = ()  # the file endings listed (empty: every file)
+    output_subfolder: str = ""  # also searched: this folder of ComfyUI's output folder (where a save node writes)
 
 
 PARTS2WHOLE = "parts2whole"
 MIMICBRUSH = "mimicbrush"
 HAND_GENERATOR = "hand_generator"
 GARMENT_WEIGHTS = "garment_weights"
+REFERENCE_BANKS = "reference_banks"
 FOLDERS: dict[str, ModelFolder] = {
     PARTS2WHOLE: ModelFolder("the Parts2Whole release folders (unet/, reference_unet/, pose_guider/, image_encoder/, "
                              "feature_extractor/, decoupled_attn.pth)", marker=os.path.join("unet", "config.json")),
     MIMICBRUSH: ModelFolder("the official mimicbrush.bin"),
     HAND_GENERATOR: ModelFolder("a trained hand generator (HumanRef's safetensors layout)"),
     GARMENT_WEIGHTS: ModelFolder("trained garment weights (HumanRef's safetensors format)"),
+    REFERENCE_BANKS: ModelFolder("a reference bank saved by Save Reference Bank (a .safetensors file)",
+                                 extensions=(".safetensors",), output_subfolder="HumanRef/reference_banks"),
 }
 MODEL_FOLDERS: tuple[str, ...] = tuple(FOLDERS)
 
 
 def register_model_folders() -> None:
-    """Adds each folder as models/<name> unless it is already known (e.g. from extra_model_paths.yaml).
+    """Adds each folder as models/<name> unless it is already known (e.g. from extra_model_paths.yaml), and a
+    folder's output sub-folder after its other locations (so a file under models/ wins over one of the same name
+    under output/); restricts the folder to its file endings.
 
     ComfyUI's entry point calls it; listing and resolving call it too, so a node built in-process (tests,
     scripts) sees the same folders.
@@ -38,8 +45,15 @@ def register_model_folders() -> None:
     import folder_paths
 
     for name in MODEL_FOLDERS:
+        spec = FOLDERS[name]
         if name not in folder_paths.folder_names_and_paths:
             folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
+        if spec.output_subfolder:
+            folder_paths.add_model_folder_path(name, os.path.join(folder_paths.get_output_directory(),
+                                                                  *spec.output_subfolder.split("/")))
+        paths, extensions = folder_paths.folder_names_and_paths[name]
+        if spec.extensions and not set(spec.extensions) <= set(extensions):
+            folder_paths.folder_names_and_paths[name] = (paths, set(extensions) | set(spec.extensions))
 
 
 def list_files(folder: str) -> list[str]:

@@ -11,11 +11,12 @@ from comfy_api.latest import io
 
 from humanref.nodes.extension import NODES
 
-METHODS = {"references": "References", "parts2whole": "Parts2Whole", "mimicbrush": "MimicBrush", "hands": "Hands",
-           "anydressing": "AnyDressing"}
+METHODS = {"references": "References", "banks": "References", "parts2whole": "Parts2Whole", "mimicbrush": "MimicBrush",
+           "hands": "Hands", "anydressing": "AnyDressing"}
 PAPER_OPENINGS = ("writer", "sigma", "t=0", "norm1", "w'_k", "w'", "lambda", "masked-out", "garmentsnet")
 # Combos whose options are data (files, labels, ComfyUI's samplers) rather than behaviours to explain.
-DATA_COMBOS = {"release", "ckpt_name", "hand_generator_name", "garment_weights", "sampler_name", "scheduler"}
+DATA_COMBOS = {"release", "ckpt_name", "hand_generator_name", "garment_weights", "reference_bank_name", "sampler_name",
+               "scheduler"}
 SCHEMAS = [node.define_schema() for node in NODES]
 
 
