@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import datetime
 import hashlib
+import io
 import json
 import os
 import re
@@ -307,6 +308,21 @@ class Summary:
     seconds: float = 0.0
 
 
+class _Notes(io.TextIOBase):
+    """A text stream whose lines become progress notes (the uploaders' messages print above the bar)."""
+
+    def __init__(self, note: Callable[[str], None]):
+        self.note = note
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        while "\n" in self.pending:
+            line, self.pending = self.pending.split("\n", 1)
+            self.note(line)
+        return len(text)
+
+
 class BatchProgress:
     """One bar over all rows with per-server counts (the runner's Progress line: rewritten on a terminal, one
     line per change otherwise), plus notes printed above it."""
@@ -330,7 +346,7 @@ class BatchProgress:
         for s in servers:
             state = "" if s.up else " (gone)" if s.gone else " (down)"
             text = f"{s.name} {s.done} done"
-            if s.inflight:
+            if s.inflight and self.line.tty:  # elsewhere a line per change: one per row is enough
                 text += f" {len(s.inflight)} queued"
             if s.taken_back:
                 text += f" {s.taken_back} taken back"
@@ -370,6 +386,8 @@ class Batch:
         self.include_temp = include_temp
         self.summary = Summary(total=len(tasks) + skipped, skipped=skipped)
         self.progress = BatchProgress(self.summary.total, log)
+        for s in servers:
+            s.uploader.log = _Notes(self.progress.note)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Summary:
@@ -753,7 +771,8 @@ def cmd_batch(args: Any) -> int:
         if not urls and not args.comfyui:
             urls = [DEFAULT_SERVER]
         out = os.path.abspath(args.out)
-        prints = [fingerprint(workflow, global_sets, args.inputs, row) for row in rows]
+        inputs = os.path.abspath(args.inputs) if args.inputs else None
+        prints = [fingerprint(workflow, global_sets, inputs, row) for row in rows]
         if os.path.isfile(out):
             raise UsageError(f"--out {args.out} is a file")
         tasks, skipped = plan(rows, prints, out, err)
@@ -801,8 +820,8 @@ def cmd_batch(args: Any) -> int:
             return EXIT_FAILED
 
         prompt, ui = to_api(workflow, first.client, err)
-        resolve_row_paths(rows, os.path.dirname(os.path.abspath(args.table)), prompt, first.uploader)
         check_rows(prompt, global_sets, rows, first.uploader, args.table)
+        resolve_row_paths(rows, os.path.dirname(os.path.abspath(args.table)), prompt, first.uploader)
         os.makedirs(out, exist_ok=True)
         extra_data = {"extra_pnginfo": {"workflow": ui}} if ui is not None else None
         batch = Batch(servers, prompt, tasks, out, global_sets, args.inputs, extra_data, timeout=args.timeout,

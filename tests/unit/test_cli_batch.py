@@ -7,9 +7,12 @@ each time /queue is read, so every run is deterministic.
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +33,9 @@ from humanref.cli.batch import (
     resolve_row_paths,
 )
 from humanref.cli.client import ComfyError, PromptRejected
-from humanref.cli.run import Uploader, UsageError, parse_sets
+from humanref.cli.run import Uploader, UsageError, apply_sets, parse_sets
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------------------------- the table
@@ -85,6 +90,29 @@ def test_many_rows_are_numbered_wide_enough(tmp_path):
     table.write_text("13.seed\n" + "".join(f"{i}\n" for i in range(10001)))
     rows = read_table(str(table))
     assert rows[0].id == "00001" and rows[-1].id == "10001"
+
+
+def test_the_readme_tables_name_real_nodes_and_inputs(tmp_path):
+    """The README's table for each example workflow: every column resolves to a node and one of its inputs (the
+    check run does before queueing), images are paths, seeds are numbers."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("\n## Batch\n"):text.index("\n## How it is built\n")]
+    blocks = re.findall(r"`workflows/api/(\w+)\.json`(?:(?!```).)*?```csv\n(.*?)```", section, re.S)
+    assert sorted(name for name, _ in blocks) == ["anydressing", "hands", "mimicbrush", "parts2whole", "references"]
+    for name, body in blocks:
+        table = tmp_path / f"{name}.csv"
+        table.write_text(body)
+        rows = read_table(str(table))
+        assert len(rows) >= 2 and all(r.id != f"{r.number:04d}" for r in rows)  # named by the id column
+        with open(REPO / "workflows" / "api" / f"{name}.json", encoding="utf-8") as f:
+            workflow = json.load(f)
+        for row in rows:
+            prompt = copy.deepcopy(workflow)
+            apply_sets(prompt, row.sets, None)
+            for ref, input_name, value in row.sets:
+                assert isinstance(value, int if input_name == "seed" else str), (name, ref, input_name, value)
+                if input_name == "image":
+                    assert value.endswith(".png")
 
 
 class FakeUploader(Uploader):
