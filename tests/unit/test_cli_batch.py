@@ -453,3 +453,49 @@ def test_the_choice_is_the_shortest_queue_below_the_depth(tmp_path):
     assert batch._choose(task) is servers[2]
     servers[2].queue_len = 3
     assert batch._choose(task) is servers[1]
+
+
+def test_ctrl_c_cancels_our_prompts_and_leaves_the_manifest_whole(tmp_path):
+    calls: list = []
+    fake = FakeComfy("http://a:01", calls)
+    batch, _, _ = make(tmp_path, [fake], [1, 2, 3, 4, 5, 6], depth=2)
+    original, polls = fake.get_json, []
+
+    def interrupted(path, timeout=None):
+        polls.append(path)
+        if len(polls) == 4:
+            raise KeyboardInterrupt
+        return original(path, timeout)
+
+    fake.get_json = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        batch.run()
+    done = entries(tmp_path)
+    assert [e["status"] for e in done] == ["done"] * len(done) and 1 <= len(done) < 6
+    held = [pid for pid, _ in fake.queue]
+    assert held and sorted(fake.cancelled) == sorted(held)  # what it still held is cancelled there
+    assert sorted(batch.summary.not_run + [e["id"] for e in done]) == [f"{i:04d}" for i in range(1, 7)]
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_on_a_terminal_notes_print_above_the_one_progress_line(tmp_path):
+    from humanref.cli.batch import BatchProgress
+
+    stream = Terminal()
+    progress = BatchProgress(4, stream)
+    server = Server("s1", "http://a:01", None, None)
+    server.done, server.inflight = 1, {"p": None}
+    progress.update(1, 0, [server])
+    progress.note("row 0002 failed on s1: boom")
+    progress.close()
+    text = stream.getvalue()
+    bar = "[######..................] 1/4 rows | s1 1 done 1 queued"
+    # the bar, cleared for the note, the note on its own line, the bar drawn again, a newline at the end
+    assert text.count(bar) == 2 and text.endswith(bar + "\n")
+    assert "\r\x1b[2K\r\x1b[2K" not in text
+    before, after = text.split("row 0002 failed on s1: boom\n")
+    assert before.endswith(bar + "\r\x1b[2K") and after.startswith("\r\x1b[2K[")
