@@ -58,10 +58,6 @@ _UNET_BLOCK = re.compile(r"^(input|middle|output)_(\d+)$")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-class BankFileError(ValueError):
-    """A file that is not a readable reference bank of this format; the message names the file."""
-
-
 # ----------------------------------------------------------------------------------------------------- saving
 def bank_tensors_and_metadata(bank: ReferenceBank) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The file's tensors (contiguous, CPU, the bank's own dtypes) and metadata; a clear error for a bank that
@@ -169,15 +165,15 @@ def content_digest(tensors: Mapping[str, Tensor]) -> str:
 
 # ---------------------------------------------------------------------------------------------------- loading
 def load_reference_bank(path: str) -> ReferenceBank:
-    """Read and validate a saved bank; every problem is a :class:`BankFileError` naming the file and what is
+    """Read and validate a saved bank; every problem is a ValueError naming the file and what is
     wrong (not a bank, another format version, damaged)."""
     name = os.path.basename(path)
     if not name.lower().endswith(SAFETENSORS_EXTENSION):
-        raise BankFileError(f"reference bank {name}: only {SAFETENSORS_EXTENSION} files are read")
+        raise ValueError(f"reference bank {name}: only {SAFETENSORS_EXTENSION} files are read")
     try:
         tensors, metadata = read_state_dict(path)
     except ValueError as e:
-        raise BankFileError(f"reference bank {name} is damaged or not a safetensors file ({e}); save the bank "
+        raise ValueError(f"reference bank {name} is damaged or not a safetensors file ({e}); save the bank "
                             "again or copy the file again") from e
     return parse_reference_bank(tensors, metadata, name)
 
@@ -188,26 +184,26 @@ def parse_reference_bank(tensors: Mapping[str, Tensor], metadata: Optional[Mappi
     metadata = metadata or {}
     found = metadata.get("format")
     if found != FORMAT:
-        raise BankFileError(f"{name} is not a HumanRef reference bank (its metadata 'format' is {found!r}, a bank's "
+        raise ValueError(f"{name} is not a HumanRef reference bank (its metadata 'format' is {found!r}, a bank's "
                             f"is {FORMAT!r}); save one with Save Reference Bank")
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
-        raise BankFileError(f"reference bank {name} has format version {version!r}; this HumanRef reads version "
+        raise ValueError(f"reference bank {name} has format version {version!r}; this HumanRef reads version "
                             f"{FORMAT_VERSION} (a bank saved by a newer HumanRef: update HumanRef, or encode the "
                             "references again)")
     digest = metadata.get("content_sha256")
     if digest is None:
-        raise BankFileError(f"reference bank {name} has no 'content_sha256' in its metadata (not written by Save "
+        raise ValueError(f"reference bank {name} has no 'content_sha256' in its metadata (not written by Save "
                             "Reference Bank?)")
     if digest != content_digest(tensors):
-        raise BankFileError(f"reference bank {name} is damaged: its tensors do not match the checksum written when it "
+        raise ValueError(f"reference bank {name} is damaged: its tensors do not match the checksum written when it "
                             "was saved; save the bank again or copy the file again")
     return _parse_checked(dict(tensors), metadata, name)
 
 
 def _parse_checked(tensors: dict[str, Tensor], metadata: Mapping[str, str], name: str) -> ReferenceBank:
-    def bad(what: str) -> BankFileError:
-        return BankFileError(f"reference bank {name}: {what}")
+    def bad(what: str) -> ValueError:
+        return ValueError(f"reference bank {name}: {what}")
 
     timing = metadata.get("timing")
     if timing != Timing.ONCE.value:

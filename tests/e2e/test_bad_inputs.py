@@ -88,7 +88,37 @@ def bad_models(tiny_models: str, dest: str) -> str:
     broken("zz-wrong-unet", {"unet/diffusion_pytorch_model.safetensors": lambda p: shutil.copyfile(controlnet, p)})
     os.unlink(os.path.join(dest, "parts2whole"))
     os.rename(releases, os.path.join(dest, "parts2whole"))
+    bad_banks(os.path.join(dest, "reference_banks"), controlnet)
     return dest
+
+
+def bad_banks(folder: str, controlnet: str) -> None:
+    """models/reference_banks/: a good (SDXL-like) bank, the same with a newer format version and truncated, a
+    ControlNet, a dangling link."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from humanref.attention.bank import CapturedTokens, ReferenceBank, ReferenceInfo, Timing
+    from humanref.pipelines.references.bank_files import save_reference_bank
+
+    os.makedirs(folder)
+    g = torch.Generator().manual_seed(0)
+    bank = ReferenceBank((ReferenceInfo("face", 0, (64, 64), False),), {("input", 4, 0): 640, ("middle", 0, 0): 1280},
+                         Timing.ONCE, "parts2whole", family="SDXL",
+                         features={("input", 4, 0): (CapturedTokens(torch.randn(16, 640, generator=g), 0),),
+                                   ("middle", 0, 0): (CapturedTokens(torch.randn(4, 1280, generator=g), 0),)})
+    good = save_reference_bank(bank, folder, "sdxl-bank")
+    os.rename(good, os.path.join(folder, "sdxl-bank.safetensors"))
+    with safe_open(os.path.join(folder, "sdxl-bank.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, os.path.join(folder, "zz-newer-version.safetensors"), metadata={**meta, "format_version": "2"})
+    with open(os.path.join(folder, "sdxl-bank.safetensors"), "rb") as src:
+        data = src.read()
+    with open(os.path.join(folder, "zz-damaged.safetensors"), "wb") as f:
+        f.write(data[:-1000])
+    os.symlink(controlnet, os.path.join(folder, "zz-wrong-format.safetensors"))
+    os.symlink(os.path.join(folder, "deleted.safetensors"), os.path.join(folder, "zz-missing.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -297,6 +327,20 @@ def garments_prompt(weights: str = "none (training-free)", garments: int = 2, **
     return g.preview(g.add("HumanRef_GarmentLoRAExtractor", **{k: v for k, v in inputs.items() if v is not None}))
 
 
+def save_bank_prompt(**over) -> dict:
+    g = Graph()
+    ckpt, vae = base(g)
+    inputs = dict(reference_bank=[encoder(g, ckpt, vae), 0], filename_prefix="HumanRef/reference_banks/bank")
+    for k, v in over.items():
+        inputs[k] = v(g, ckpt, vae) if callable(v) else v
+    return g.preview(g.add("HumanRef_SaveReferenceBank", **inputs))
+
+
+def load_bank_prompt(name: str) -> dict:
+    g = Graph()
+    return g.preview(g.add("HumanRef_LoadReferenceBank", reference_bank_name=name))
+
+
 # ----------------------------------------------------------------------------------------------- the table
 @dataclass
 class Case:
@@ -375,6 +419,30 @@ CASES: list[Case] = [
          ("reference_bank",), "validation"),
     Case(PATCH, "wrong model type (a bank of the SD1.5 writer on the Parts2Whole UNet)",
          lambda: patch_prompt(model=p2w_model), ("reference_bank", "model")),
+    # ---- SaveReferenceBank
+    Case("SaveReferenceBank", "an every step bank (it holds no features)",
+         lambda: save_bank_prompt(reference_bank=lambda g, ckpt, vae: [encoder(g, ckpt, vae, timing="every step"), 0]),
+         ("reference_bank",), also=("once at t=0",)),
+    Case("SaveReferenceBank", "a prefix leaving the output folder",
+         lambda: save_bank_prompt(filename_prefix="../outside/bank"), ("filename_prefix",)),
+    Case("SaveReferenceBank", "an absolute prefix", lambda: save_bank_prompt(filename_prefix="/tmp/bank"),
+         ("filename_prefix",)),
+    Case("SaveReferenceBank", "a MODEL where the bank belongs",
+         lambda: save_bank_prompt(reference_bank=lambda g, ckpt, vae: [ckpt, 0]), ("reference_bank",), "validation"),
+    # ---- LoadReferenceBank
+    Case("LoadReferenceBank", "missing file", lambda: load_bank_prompt("no-such.safetensors"),
+         ("reference_bank_name",), "validation"),
+    Case("LoadReferenceBank", "listed but deleted (dangling link)", lambda: load_bank_prompt("zz-missing.safetensors"),
+         ("zz-missing.safetensors",)),
+    Case("LoadReferenceBank", "not a bank (a ControlNet)", lambda: load_bank_prompt("zz-wrong-format.safetensors"),
+         ("zz-wrong-format.safetensors",), also=("not a HumanRef reference bank",)),
+    Case("LoadReferenceBank", "a truncated bank", lambda: load_bank_prompt("zz-damaged.safetensors"),
+         ("zz-damaged.safetensors",), also=("damaged",)),
+    Case("LoadReferenceBank", "a bank of a newer format version", lambda: load_bank_prompt(
+        "zz-newer-version.safetensors"), ("zz-newer-version.safetensors",), also=("format version '2'",)),
+    Case("LoadReferenceBank", "an SDXL bank on the SD1.5 model", lambda: patch_prompt(
+        bank=lambda g, *_: [g.add("HumanRef_LoadReferenceBank", reference_bank_name="sdxl-bank.safetensors"), 0]),
+         ("reference_bank", "model"), also=("SDXL",)),
     # ---- Parts2WholeLoader
     Case("Parts2WholeLoader", "missing release", lambda: p2w_loader_prompt("no-such-release"), ("release",),
          "validation"),
@@ -525,6 +593,7 @@ GOOD: dict[str, Callable[[], dict]] = {
     "HandGeneratorLoader": lambda: hand_loader_prompt("humanref-tiny-hand-generator.safetensors"),
     "HandGenerator": hands_prompt, "HandCanvas": canvas_prompt, "SequentialMaskExpandOutpaint": outpaint_prompt,
     "GarmentLoRAExtractor": lambda: garments_prompt(workloads.TINY_GARMENTS),
+    "SaveReferenceBank": save_bank_prompt, "LoadReferenceBank": lambda: load_bank_prompt("sdxl-bank.safetensors"),
 }
 
 # edge inputs that are not errors: they must run
