@@ -6,7 +6,8 @@ opens sockets or writes files.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401  (the pack's version, for ComfyUI's manager and the runner)
+
 WEB_DIRECTORY = "./web"  # the frontend extension: HumanRef warnings in a toast (web/humanref.js)
 
 

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .adain import FeatureStats, UNetBlock
 from .blocks import BlockKey
 from .kernels import LinearWeights
 from .labels import Labeled
@@ -104,6 +105,9 @@ class ReferenceBank:
     projections: Optional[Mapping[BlockKey, tuple[LinearWeights, LinearWeights]]] = field(default=None, repr=False)
     # default target regions for the dual mode, [R, H, W] in 0..1, one per reference (all ones = anywhere)
     regions: Optional[Tensor] = field(default=None, repr=False)
+    # AdaIN: each UNet block output's statistics per reference (None where its mask selects nothing there),
+    # for every block the writer passed; None for ``every step`` banks (taken at each step instead)
+    stats: Optional[Mapping[UNetBlock, tuple[Optional[FeatureStats], ...]]] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.timing not in TIMINGS:

@@ -60,7 +60,12 @@ def describe_architecture(blocks: Iterable[BlockInfo], family: str = "") -> str:
     return f"{name} ({len(blocks)} transformer blocks, widths {widths})"
 
 
-_CUSTOM = re.compile(r"^(input|middle|output)_(\d+)(?:\.(\d+))?$")
+CUSTOM_ENTRY = re.compile(r"^(input|middle|output)_(\d+)(?:\.(\d+))?$")
+
+
+def custom_entries(custom: str) -> list[str]:
+    """The entries of a custom_blocks text ("input_4, middle_0; output_9.0")."""
+    return [t.strip() for t in custom.replace(";", ",").split(",") if t.strip()]
 
 
 def select_blocks(blocks: Iterable[BlockInfo], block_set: str, custom: str = "") -> list[BlockInfo]:
@@ -74,12 +79,12 @@ def select_blocks(blocks: Iterable[BlockInfo], block_set: str, custom: str = "")
         return [b for b in blocks if b.key[0] == "input"]
     if block_set != "custom":
         raise ValueError(f"unknown block set {block_set!r}; expected one of {BLOCK_SETS}")
-    wanted = [t.strip() for t in custom.replace(";", ",").split(",") if t.strip()]
+    wanted = custom_entries(custom)
     if not wanted:
         raise ValueError("block set 'custom' needs a list in custom_blocks, e.g. 'input_4, middle_0, output_9'")
     chosen: list[BlockInfo] = []
     for item in wanted:
-        m = _CUSTOM.match(item)
+        m = CUSTOM_ENTRY.match(item)
         if not m:
             raise ValueError(f"custom_blocks entry {item!r} is not like 'input_4', 'middle_0' or 'output_9.0'")
         name, bid, idx = m.group(1), int(m.group(2)), m.group(3)

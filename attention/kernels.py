@@ -74,7 +74,7 @@ def project_references(
     strength: float = 1.0,
     dilute: bool = True,
 ) -> Optional[ProjectedReferences]:
-    """Project kept reference tokens [M, C] into keys/values, once per run.
+    """Project kept reference tokens [M, C] (all references of a block as one) into keys/values, once per run.
 
     ``dilute``: keep the official Parts2Whole semantics where masked-out tokens are zero vectors that still
     take softmax mass. Instead of carrying ``dropped`` zero tokens, one zero token is appended with an additive
@@ -82,23 +82,50 @@ def project_references(
     nothing (a zero token projects to the same key/value as each dropped one). ``strength`` multiplies the
     attention mass of every reference key (log bias), 1.0 being the official behaviour.
     """
+    return project_parts([(tokens, dropped, 1.0)], to_k, to_v, strength, dilute)
+
+
+def project_parts(
+    parts: Sequence[tuple[Tensor, int, float]],
+    to_k: Callable[[Tensor], Tensor],
+    to_v: Callable[[Tensor], Tensor],
+    strength: float = 1.0,
+    dilute: bool = True,
+    weight_values: bool = False,
+) -> Optional[ProjectedReferences]:
+    """:func:`project_references` with one weight per reference: ``parts`` = (kept tokens [m, C], dropped
+    count, weight) per reference, in bank order; ``segments`` of the result = kept tokens per reference.
+
+    A weight multiplies its reference's attention mass (a log bias on its keys; its share of the zero key's
+    mass too), or, with ``weight_values``, its reference's values (the separate dual term, where a mass factor
+    shared by every key would cancel). Weight 0 leaves the reference out.
+    """
     if strength <= 0:
         return None
-    n_kept = tokens.shape[0]
-    add_zero = dilute and dropped > 0
-    if n_kept == 0 and not add_zero:
+    kept = [(t, d, w) if w > 0 else (t[:0], 0, 0.0) for t, d, w in parts]
+    zero_mass = sum(d * w for _, d, w in kept) if dilute else 0.0
+    tokens = torch.cat([t for t, _, _ in kept], dim=0)
+    if tokens.shape[0] == 0 and zero_mass <= 0:
         return None
-    if add_zero:
+    segments = tuple(int(t.shape[0]) for t, _, _ in kept)
+    if zero_mass > 0:
         tokens = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[1])], dim=0)
     k = to_k(tokens.unsqueeze(0))
     v = to_v(tokens.unsqueeze(0))
+    weights = [w for t, _, w in kept for _ in range(t.shape[0])]
+    uneven = any(w != 1.0 for w in weights)
+    if weight_values and uneven:
+        scale = torch.tensor(weights + [1.0] * (tokens.shape[0] - len(weights)), dtype=v.dtype, device=v.device)
+        v = v * scale.reshape(1, -1, 1)
     bias = None
-    if strength != 1.0 or add_zero:
+    if strength != 1.0 or zero_mass > 0 or (uneven and not weight_values):
         log_s = math.log(strength)
-        bias = torch.full((tokens.shape[0],), log_s, dtype=k.dtype, device=k.device)
-        if add_zero:
-            bias[-1] = log_s + math.log(dropped)
-    return ProjectedReferences(k, v, bias)
+        mass = weights if not weight_values else [1.0] * len(weights)
+        values = [log_s + math.log(w) for w in mass]
+        if zero_mass > 0:
+            values.append(log_s + math.log(zero_mass))
+        bias = torch.tensor(values, dtype=k.dtype, device=k.device)
+    return ProjectedReferences(k, v, bias, segments)
 
 
 def joint_attention(

@@ -12,8 +12,7 @@ import signal
 import sys
 from typing import Optional, Sequence
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-DEFAULT_SERVER = "http://127.0.0.1:8188"
+from .common import DEFAULT_SERVER, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, pack_copy_note  # noqa: F401
 
 DESCRIPTION = """\
 HumanRef command line.
@@ -195,23 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _raise_keyboard_interrupt(signum, frame):  # SIGTERM -> the same clean-up as Ctrl-C
     raise KeyboardInterrupt
-
-
-def pack_copy_note(server) -> str:
-    """Which copy of HumanRef the private server loads (one copy only: see cli.server.installed_copy)."""
-    from .. import __version__
-    from .server import PACK_ROOT
-
-    if server.installed is None:
-        return f"HumanRef {__version__}: this copy ({PACK_ROOT}) is loaded into the server"
-    folder, version = server.installed
-    if folder == str(PACK_ROOT):
-        return f"HumanRef {version}: the copy installed in ComfyUI's custom_nodes ({folder}), which is this one"
-    note = (f"HumanRef {version} is installed in ComfyUI's custom_nodes ({folder}): the server loads that copy "
-            f"only, not this one ({PACK_ROOT})")
-    if version != __version__:
-        note += f"; note the versions differ (this one is {__version__})"
-    return note
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -747,7 +747,7 @@ def cmd_batch(args: Any) -> int:
     """The ``batch`` subcommand (arguments from cli.build_parser); returns the exit status."""
     import shlex
 
-    from . import DEFAULT_SERVER, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, pack_copy_note
+    from .common import DEFAULT_SERVER, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, pack_copy_note
     from .convert import ConversionError
     from .run import load_workflow, to_api
     from .server import ServerError

@@ -7,6 +7,8 @@ from ..attention.bank import MAX_REFERENCES, TIMINGS, Timing
 from ..attention.blocks import BLOCK_SETS
 from ..attention.masks import MASK_RULES
 from ..attention.reader import MODES
+from ..attention.schedules import WEIGHT_TYPES, WeightType
+from ..pipelines.notices import warn
 from ..pipelines.references.inputs import prepare_references
 from ..pipelines.references.patch import apply_reference_patch, build_reference_bank
 from .notices import shows_warnings
@@ -102,14 +104,20 @@ class MaskedSharedAttentionPatch(io.ComfyNode):
                                        "and without references by strength, for a softer, adjustable effect "
                                        "(MimicBrush). "
                                        "dual: an added, separate look at the garments; only for a garment bank "
-                                       "(AnyDressing). Technically: concat keeps masked-out tokens as zero keys "
-                                       "that dilute attention; dual is AnyDressing's Dressing-Attention with "
-                                       "W'_k, W'_v."),
+                                       "(AnyDressing). adain: copies the references' colour and texture statistics "
+                                       "into the deep layers, without looking at them: the overall look and palette, "
+                                       "not details (A1111/ACN reference_adain). adain+attn: adain plus concat, the "
+                                       "strongest likeness (A1111/ACN reference_adain+attn). Technically: concat "
+                                       "keeps masked-out tokens as zero keys that dilute attention; dual is "
+                                       "AnyDressing's Dressing-Attention with W'_k, W'_v; adain moves each channel's "
+                                       "mean and deviation of chosen block outputs."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.05,
                                tooltip="How strongly the references show. concat/strict: 1 = as trained, 0 = off, "
                                        "above 1 copies them more closely (1 to 2 is typical; high values distort). "
                                        "blend: the share of the referenced result, 0 to 1 (0.5 = MimicBrush). dual: "
-                                       "the garments' weight, 0.7 as in AnyDressing (the paper's lambda); 0 = off."),
+                                       "the garments' weight, 0.7 as in AnyDressing (the paper's lambda); 0 = off. "
+                                       "adain: how far the statistics move, 0 to 1 (1 = all the way). adain+attn: "
+                                       "both, as for concat."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="When the references start to act, as a fraction of sampling (0 = from the "
                                        "first step). Starting later (0.2 to 0.4) keeps the prompt's composition and "
@@ -128,14 +136,31 @@ class MaskedSharedAttentionPatch(io.ComfyNode):
                                         "separated, e.g. 'input_4, middle_0, output_9.0' (name_id for a whole "
                                         "block, name_id.index for one transformer of it)."),
                 io.Boolean.Input("uncond_sees_references", default=False,
-                                 tooltip="Off (default, as the papers): the negative prompt's pass ignores the "
-                                         "references, so CFG pushes the picture toward them. On: both passes see "
-                                         "them, and the references act less strongly."),
+                                 tooltip="Kept so saved workflows load; style_fidelity says the same with more "
+                                         "choice. On: both passes see the references (style_fidelity 0). Off "
+                                         "(default): style_fidelity decides."),
                 io.Mask.Input("region_masks", optional=True,
                               tooltip="dual mode only: where each garment may appear in the picture, one mask per "
                                       "reference in the bank's order (e.g. the torso for the upper garment); "
                                       "outside its region a garment has no effect. Unconnected: the regions given "
                                       "to the Garment Encoder, or anywhere."),
+                io.Float.Input("style_fidelity", default=1.0, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="How much the negative prompt's pass keeps away from the references, as "
+                                       "style_fidelity in A1111/ACN. 1 (default, as Parts2Whole and MimicBrush): it "
+                                       "ignores them, so CFG pushes the picture toward them: closest likeness. 0: "
+                                       "both passes see them: softer, more faithful to the prompt. 0.5 is A1111's "
+                                       "default."),
+                io.String.Input("reference_weights", default="", optional=True,
+                                tooltip="A strength per reference, like IPAdapter's weight per image: '1.2, 0.6' in "
+                                        "the bank's order, or by label: 'face=1.2, shoes=0.6' (others stay 1). 0 "
+                                        "leaves a reference out. Empty: all 1. Multiplies strength."),
+                io.Combo.Input("weight_type", options=list(WEIGHT_TYPES), default=WeightType.CONSTANT.value,
+                               optional=True,
+                               tooltip="How strength changes over the steps between start_percent and end_percent. "
+                                       "constant (default): the same throughout. linear in: from 0 up to strength "
+                                       "(the prompt sets the layout, the references come in for details). linear "
+                                       "out: from strength down to 0 (the references set the layout, the prompt "
+                                       "finishes). ease in, ease out: the same along a smooth S-curve."),
             ],
             outputs=[io.Model.Output("model")],
         )
@@ -143,11 +168,17 @@ class MaskedSharedAttentionPatch(io.ComfyNode):
     @classmethod
     @shows_warnings
     def execute(cls, model, reference_bank, mode, strength, start_percent, end_percent, blocks, custom_blocks,
-                uncond_sees_references, region_masks=None) -> io.NodeOutput:
+                uncond_sees_references, region_masks=None, style_fidelity=1.0, reference_weights="",
+                weight_type=WeightType.CONSTANT.value) -> io.NodeOutput:
         if start_percent == end_percent:
             raise ValueError(f"start_percent and end_percent are both {start_percent}: the references would act on "
                              "no step. Make end_percent larger than start_percent (0 and 1: every step; bypass the "
                              "node to sample without references)")
+        if uncond_sees_references and style_fidelity != 1.0:
+            warn(f"uncond_sees_references is on, so style_fidelity ({style_fidelity:g}) is taken as 0; turn it off "
+                 "to use style_fidelity")
+        fidelity = 0.0 if uncond_sees_references else style_fidelity
         patched = apply_reference_patch(model, reference_bank, mode, strength, start_percent, end_percent,
-                                        blocks, custom_blocks, uncond_sees_references, regions=region_masks)
+                                        blocks, custom_blocks, fidelity, regions=region_masks,
+                                        reference_weights=reference_weights, weight_type=weight_type)
         return io.NodeOutput(patched)

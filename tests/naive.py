@@ -106,3 +106,27 @@ def pose_guider_forward(sd: dict, x: torch.Tensor) -> torch.Tensor:
     for i in range(6):
         x = F.silu(F.conv2d(x, p[f"blocks.{i}.weight"], p[f"blocks.{i}.bias"], stride=1 + i % 2, padding=1))
     return F.conv2d(x, p["conv_out.weight"], p["conv_out.bias"], padding=1)
+
+
+def naive_adain(x, ref_maps, ref_weights, weights, eps=1e-6):
+    """A1111 / ACN reference_adain, written out: per row and channel, the population mean and deviation over
+    the pixels (a reference's over its mask weights), then x + w (AdaIN_r(x) - x) averaged over references.
+
+    ``x`` [B, C, H, W]; ``ref_maps`` [C, H, W] each; ``ref_weights`` [H, W] or None each; ``weights`` floats.
+    """
+    x = x.to(DT)
+    out = torch.zeros_like(x)
+    b, c = x.shape[:2]
+    for ref, mask, w in zip(ref_maps, ref_weights, weights):
+        ref = ref.to(DT)
+        m = torch.ones(ref.shape[1:], dtype=DT) if mask is None else mask.to(DT)
+        for bi in range(b):
+            for ch in range(c):
+                xs = x[bi, ch]
+                mu_x = xs.sum() / xs.numel()
+                var_x = ((xs - mu_x) ** 2).sum() / xs.numel()
+                mu_r = (ref[ch] * m).sum() / m.sum()
+                var_r = (((ref[ch] - mu_r) ** 2) * m).sum() / m.sum()
+                moved = (xs - mu_x) / math.sqrt(max(float(var_x), eps)) * math.sqrt(max(float(var_r), eps)) + mu_r
+                out[bi, ch] += xs + w * (moved - xs)
+    return out / len(ref_maps)

@@ -229,7 +229,8 @@ def setup_mimicbrush(
     stages.finished("image prompt")
     bank = mimicbrush_bank(parts, ref_latent, cond, timing)
     stages.finished("reference")
-    patched = apply_reference_patch(model, bank, mode=BLEND.name, strength=RATIO, block_set=BLOCK_SET, uncond=False)
+    patched = apply_reference_patch(model, bank, mode=BLEND.name, strength=RATIO, block_set=BLOCK_SET,
+                                    style_fidelity=1.0)  # the official uncond pass sees no reference
     positive, negative = conditioning(cond, uncond, concat)
     latent = {"samples": torch.zeros(1, 4, lat_hw[0], lat_hw[1])}
     return MimicBrushSetup(patched, positive, negative, latent, target.edit)

@@ -290,7 +290,7 @@ def apply_parts2whole(
         log.info("HumanRef: Parts2Whole 'as released': every part and the prompt use the label %r", first)
     bank = build_reference_bank(reference_unet, vae, clip, refs, timing=Timing.ONCE, mask_rule="parts2whole")
     patched = apply_reference_patch(model, bank, mode=CONCAT.name, strength=1.0, start_percent=0.0, end_percent=1.0,
-                                    block_set="all", custom_blocks="", uncond=False)
+                                    block_set="all", custom_blocks="", style_fidelity=1.0)
     tokens = encode_image_tokens(clip_vision, [p.clip_image for p in prepared])
     if tokens.shape[1] != release.image_dim:
         raise ValueError(f"clip_vision gives {tokens.shape[1]}-d image embeddings; the release's decoupled "

@@ -39,12 +39,12 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
-from ... import __version__
 from ...attention.adain import FeatureStats, UNetBlock
 from ...attention.bank import MAX_REFERENCES, CapturedTokens, ReferenceBank, ReferenceInfo, Timing
 from ...attention.blocks import BlockKey, block_label
 from ...attention.kernels import LinearWeights
 from ...attention.masks import MASK_RULES
+from ...version import __version__
 from ..loading.files import SAFETENSORS_EXTENSION, read_state_dict
 
 FORMAT = "humanref.reference_bank"

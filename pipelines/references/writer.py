@@ -13,6 +13,7 @@ import comfy.utils
 import torch
 from torch import Tensor
 
+from ...attention.adain import FeatureStats, UNetBlock, feature_stats
 from ...attention.bank import CapturedTokens, MaskProjector, select_tokens
 from ...attention.blocks import BlockKey, walk_transformer_blocks
 
@@ -81,9 +82,23 @@ def group_references(latents: list[Tensor], conds: list[dict[str, Tensor]]) -> t
     return tuple(groups)
 
 
+class _Remaining:
+    """What a writer pass still has to capture; the forward stops (``_WriterDone``) once nothing is left."""
+
+    def __init__(self, keys: Sequence[BlockKey], points: Sequence[UNetBlock]) -> None:
+        self.keys = set(keys)
+        self.points = set(points)
+
+    def done(self, item: tuple) -> None:
+        self.keys.discard(item)
+        self.points.discard(item)
+        if not self.keys and not self.points:
+            raise _WriterDone
+
+
 def _capture_patch(store: dict[BlockKey, dict[int, CapturedTokens]], keys: Optional[set[BlockKey]],
                    indices: tuple[int, ...], projector: MaskProjector, keep_device: Optional[torch.device],
-                   last: BlockKey):
+                   remaining: _Remaining):
     def capture(n: Tensor, context: Tensor, value: Tensor, extra_options: dict):
         block = extra_options.get("block")
         if block is None:
@@ -102,11 +117,41 @@ def _capture_patch(store: dict[BlockKey, dict[int, CapturedTokens]], keys: Optio
             if keep_device is not None:
                 cap = CapturedTokens(cap.tokens.to(keep_device), cap.dropped)
             slot[ref] = cap
-        if key == last:
-            raise _WriterDone
+        remaining.done(key)
         return n, context, value
 
     return capture
+
+
+def _stats_patches(stats: dict[UNetBlock, dict[int, Optional[FeatureStats]]], indices: tuple[int, ...],
+                   projector: MaskProjector, keep_device: Optional[torch.device], remaining: _Remaining):
+    """input_block_patch and output_block_patch that record every UNet block output's statistics per reference
+    (for AdaIN): input block i at its own patch, the middle block and output block i at output block i + 1's."""
+
+    def record(point: UNetBlock, h: Tensor) -> None:
+        grid = (int(h.shape[-2]), int(h.shape[-1]))
+        slot = stats.setdefault(point, {})
+        for row, ref in enumerate(indices):
+            found = feature_stats(h[row].detach(), projector.weights(ref, grid))
+            if found is not None and keep_device is not None:
+                found = FeatureStats(found.mean.to(keep_device), found.var.to(keep_device))
+            slot[ref] = found
+        remaining.done(point)
+
+    def after_input(h: Tensor, transformer_options: dict) -> Tensor:
+        block = transformer_options.get("block")
+        if block is not None:
+            record(("input", int(block[1])), h)
+        return h
+
+    def before_output(h: Tensor, hsp: Tensor, transformer_options: dict) -> tuple[Tensor, Tensor]:
+        block = transformer_options.get("block")
+        if block is not None:
+            j = int(block[1])
+            record(("middle", 0) if j == 0 else ("output", j - 1), h)
+        return h, hsp
+
+    return after_input, before_output
 
 
 def run_writer(
@@ -115,22 +160,27 @@ def run_writer(
     keys: Optional[Sequence[BlockKey]] = None,
     keep_device: Optional[torch.device] = None,
     progress: Optional[Any] = None,
+    stats_out: Optional[dict[UNetBlock, tuple[Optional[FeatureStats], ...]]] = None,
+    points: Sequence[UNetBlock] = (),
 ) -> dict[BlockKey, tuple[CapturedTokens, ...]]:
     """One writer forward per group at ``sigma`` (0 = clean latents at t = 0); features per block per ref.
 
     Above 0 the latents are noised to sigma, or, with ``writer.clean``, passed clean at sigma's timestep.
 
-    ``keys``: the blocks to capture in execution order (the forward stops after the last one); None = all,
-    found by walking the model, which per-step callers avoid by passing their ordered keys.
+    ``keys``: the blocks to capture in execution order (the forward stops once they and ``points`` are
+    captured); None = all, found by walking the model, which per-step callers avoid by passing their ordered keys.
+    ``stats_out``: filled with every UNet block output's statistics per reference that the forward passes
+    (AdaIN; ``points`` are the blocks it must reach).
     """
     patcher = writer.patcher
     model = patcher.model
     device = patcher.load_device
     wanted = list(keys) if keys is not None else [b.key for b in walk_transformer_blocks(model.diffusion_model)]
-    if not wanted:
+    if not wanted and not points:
         return {}
     keyset = set(wanted)
     store: dict[BlockKey, dict[int, CapturedTokens]] = {}
+    stats: dict[UNetBlock, dict[int, Optional[FeatureStats]]] = {}
     base_to = patcher.model_options.get("transformer_options", {})
     for gi, group in enumerate(writer.groups):
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -149,8 +199,14 @@ def run_writer(
         s = torch.full((x.shape[0],), float(sigma), device=device)
         to = dict(base_to)
         patches = dict(to.get("patches", {}))
-        capture = _capture_patch(store, keyset, group.indices, writer.projector, keep_device, wanted[-1])
+        remaining = _Remaining(wanted, points)
+        capture = _capture_patch(store, keyset, group.indices, writer.projector, keep_device, remaining)
         patches["attn1_patch"] = list(patches.get("attn1_patch", [])) + [capture]
+        if stats_out is not None:
+            after_input, before_output = _stats_patches(stats, group.indices, writer.projector, keep_device,
+                                                        remaining)
+            patches["input_block_patch"] = list(patches.get("input_block_patch", [])) + [after_input]
+            patches["output_block_patch"] = list(patches.get("output_block_patch", [])) + [before_output]
         to["patches"] = patches
         to.pop("wrappers", None)
         conds = {k: v.to(device) for k, v in group.conds.items()}
@@ -161,6 +217,9 @@ def run_writer(
             pass
         if progress is not None:
             progress.update(len(group.indices))
+    if stats_out is not None:
+        stats_out.update({point: tuple(per_ref.get(i) for i in range(writer.count)) for point, per_ref in stats.items()
+                          if len(per_ref) == writer.count})
     return {key: tuple(per_ref[i] for i in range(writer.count)) for key, per_ref in store.items()
             if len(per_ref) == writer.count}
 

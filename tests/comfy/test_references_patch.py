@@ -26,7 +26,7 @@ def test_patched_run_differs_and_uncond_chunk_is_unchanged(tiny_model, conds, ba
 def test_uncond_sees_references_when_asked(tiny_model, conds, bank):
     plain_rec, rec = [], []
     ksample(tiny_model, conds, LATENT, record=plain_rec)
-    ksample(apply_reference_patch(tiny_model, bank, uncond=True), conds, LATENT, record=rec)
+    ksample(apply_reference_patch(tiny_model, bank, style_fidelity=0.0), conds, LATENT, record=rec)
     assert (plain_rec[0][1] - rec[0][1]).abs().max() > 1e-4
 
 

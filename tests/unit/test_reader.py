@@ -131,7 +131,7 @@ def test_layout_none_counts_as_cond():
 def test_uncond_layer_applies_to_uncond_rows(layout):
     blk = Block(PER_CHUNK * len(layout), seed=4)
     ref = Ref(12)
-    layer = R.ActivePatch(R.CONCAT, ref.project(blk), uncond=True)
+    layer = R.ActivePatch(R.CONCAT, ref.project(blk), style_fidelity=0.0)
     out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, [layer], K.sdpa)
     torch.testing.assert_close(out, blk.naive([ref.official()]), rtol=0, atol=ATOL)
 
@@ -140,7 +140,8 @@ def test_mixed_uncond_flags():
     layout = [1, 0, 0]
     blk = Block(PER_CHUNK * len(layout), seed=5)
     both, cond_only = Ref(13), Ref(14, m=7)
-    layers = [R.ActivePatch(R.CONCAT, both.project(blk), uncond=True), R.ActivePatch(R.CONCAT, cond_only.project(blk))]
+    layers = [R.ActivePatch(R.CONCAT, both.project(blk), style_fidelity=0.0),
+              R.ActivePatch(R.CONCAT, cond_only.project(blk))]
     out = R.reference_attention(blk.q, blk.k, blk.v, HEADS, layout, layers, K.sdpa)
     cond, uncond = _rows(layout, 0), _rows(layout, 1)
     torch.testing.assert_close(out[uncond], blk.naive([both.official()], uncond), rtol=0, atol=ATOL)
@@ -324,10 +325,11 @@ def test_regions_on_a_non_dual_layer_raise():
 
 
 def test_mode_table():
-    """The four modes as the patch node documents them (the names are saved in workflows)."""
-    assert list(R.MODES) == ["concat", "strict", "blend", "dual"]
-    assert [(m.joins_own_keys, m.dilutes, m.strength_is) for m in R.MODES.values()] == [
-        (True, True, R.Strength.MASS), (True, False, R.Strength.MASS), (True, True, R.Strength.RATIO),
-        (False, False, R.Strength.LAMBDA)]
+    """The six modes as the patch node documents them (the names are saved in workflows)."""
+    assert list(R.MODES) == ["concat", "strict", "blend", "dual", "adain", "adain+attn"]
+    assert [(m.joins_own_keys, m.dilutes, m.strength_is, m.attends, m.adain) for m in R.MODES.values()] == [
+        (True, True, R.Strength.MASS, True, False), (True, False, R.Strength.MASS, True, False),
+        (True, True, R.Strength.RATIO, True, False), (False, False, R.Strength.LAMBDA, True, False),
+        (True, True, R.Strength.MASS, False, True), (True, True, R.Strength.MASS, True, True)]
     assert [m.name for m in R.MODES.values() if m.takes_regions] == ["dual"]
     assert R.mode_named("blend") is R.BLEND
