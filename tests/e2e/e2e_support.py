@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -44,6 +45,16 @@ def with_style_lora(prompt: dict, lora_name: str, strength: float = 0.8) -> dict
                    "inputs": {"lora_name": lora_name, "strength_model": strength, "model": ["1", 0]}}
     prompt["8"]["inputs"]["model"] = ["2", 0]
     return prompt
+
+
+def reachable(url: str) -> bool:
+    """Whether a ComfyUI server answers at ``url`` (a stopped one must not)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url + "/system_stats", timeout=3) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 def humanref_cli(*args: str, cwd: Path, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:

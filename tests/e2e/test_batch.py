@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from e2e_support import INPUTS, REPO, TINY_CKPT, comfyui_path, humanref_cli
+from e2e_support import INPUTS, REPO, TINY_CKPT, comfyui_path, humanref_cli, reachable
 from PIL import Image
 
 WORKFLOW = REPO / "workflows" / "api" / "parts2whole.json"
@@ -41,15 +41,6 @@ def prompt_of(png: Path) -> dict:
     image.load()
     assert image.size == (64, 96)
     return json.loads(image.info["prompt"])
-
-
-def reachable(url: str) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url + "/system_stats", timeout=3) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def queue_running(url: str) -> list:

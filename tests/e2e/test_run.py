@@ -5,10 +5,9 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-from e2e_support import API_WORKFLOW, INPUTS, REPO, SMALL, UI_NAMES, UI_WORKFLOW, comfyui_path, humanref_cli
+from e2e_support import API_WORKFLOW, INPUTS, REPO, SMALL, UI_NAMES, UI_WORKFLOW, comfyui_path, humanref_cli, reachable
 from PIL import Image
 
 
@@ -23,15 +22,6 @@ def check_png(path: Path, size: tuple[int, int]) -> Image.Image:
     assert image.format == "PNG"
     assert image.size == size
     return image
-
-
-def reachable(url: str) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url + "/system_stats", timeout=3) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def test_template_browser_lists_the_ui_workflows(client):
