@@ -27,8 +27,8 @@ BASELINE = Row("no reference", None, what="the baseline every gap is measured ag
 ROWS: tuple[Row, ...] = (
     BASELINE,
     Row("concat", "concat", what="Parts2Whole: references join the target's keys"),
-    Row("strict", "strict", what="concat without the masked-out zero keys"),
-    Row("blend", "blend", what="MimicBrush: ratio of attention with/without references"),
+    Row("blend, strength 0.5", "blend", {"strength": 0.5},
+        what="MimicBrush: half attention with, half without the references (at 1 it is concat)"),
     Row("dual", "dual", what="AnyDressing: a separate attention term over the references"),
     Row("adain", "adain", what="block statistics moved to the reference's, no attention"),
     Row("adain+attn", "adain+attn", what="AdaIN and concat attention together"),
@@ -42,6 +42,8 @@ ROWS: tuple[Row, ...] = (
         what="the reference's background tokens masked out"),
     Row("concat, mask = shirt", "concat", reference_mask="shirt",
         what="only the reference's shirt cells kept"),
+    Row("strict, mask = figure", "strict", reference_mask="figure",
+        what="the masked-out tokens left out instead of kept as zero keys (unmasked, strict is concat)"),
 )
 
 

@@ -46,6 +46,7 @@ REFERENCE_SEED = 10_000
 NOISE_SEED = 1_000
 TIMING = "once at t=0"
 MASK_RULE = "parts2whole"
+EXAMPLE_CASES = 2
 
 
 class Case:
@@ -83,6 +84,7 @@ class Evaluation:
         self.cases = [Case(i) for i in range(opts.refs)]
         self.baseline: dict[int, torch.Tensor] = {}
         self.banks: dict[tuple, Any] = {}
+        self.examples: dict[str, list[torch.Tensor]] = {}  # row -> the first cases' samples, for the picture
 
     # ------------------------------------------------------------------------------------------------ sampling
     def sample(self, patched: Any, case: Case) -> torch.Tensor:
@@ -134,6 +136,8 @@ class Evaluation:
                     patched = apply_reference_patch(self.model, self.bank(case, row), mode=row.mode, **row.kwargs)
                     cells = self.sample(patched, case)
                 samples += self.score(case, cells)
+                if case.index < EXAMPLE_CASES:
+                    self.examples.setdefault(row.name, []).append(cells)
         except Exception as e:  # one broken row must not lose the others' figures
             entry["status"] = f"error: {type(e).__name__}: {e}"
             return entry
@@ -204,6 +208,21 @@ class Evaluation:
                 "matches_baseline_row": bool(torch.equal(exact, self.baseline[case.index]))}
 
 
+def example_picture(ev: Evaluation, path: str, zoom: int = 4) -> None:
+    """One line per row that ran: for each of the first cases, its reference, then its five samples."""
+    from humanref.training.loop import save_png
+
+    gap = torch.ones(3, figures.GRID, 1)
+    lines = []
+    for cells in ev.examples.values():
+        tiles = []
+        for case, batch in zip(ev.cases, cells):
+            tiles += [gap, gap, case.cells, gap, gap] + [t for c in batch for t in (c, gap)]
+        lines += [torch.cat(tiles, dim=2), torch.ones(3, 1, sum(t.shape[2] for t in tiles))]
+    picture = torch.cat(lines, dim=1).repeat_interleave(zoom, 1).repeat_interleave(zoom, 2)
+    save_png(picture.permute(1, 2, 0), path)
+
+
 def summarise(samples: list[dict]) -> dict:
     gaps = [s["gap_closed"] for s in samples]
     return {
@@ -263,7 +282,8 @@ def markdown(result: dict) -> str:
         "same against a random look the model never saw (a mode that only scrambles colours scores there as well). "
         "Layout: IoU of the figure's cells with the prompt's silhouette; accuracy: the prompt's silhouette is the best "
         "of the six; the references always show another layout, so a high IoU with the reference's layout means the "
-        "reference's pose leaked. See docs/benchmarks.md.",
+        "reference's pose leaked. See docs/benchmarks.md. Picture: "
+        f"{os.path.basename(result['examples'])} (per row: reference, then its five samples; two references).",
         "",
     ]
     return "\n".join(lines)
@@ -321,6 +341,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                        "reference_seeds": f"{REFERENCE_SEED} + r", "noise_seeds": f"{NOISE_SEED} + r",
                        "bank": {"timing": TIMING, "mask_rule": MASK_RULE}, "seconds": time.perf_counter() - t0},
         "rows": results,
+        "examples": os.path.relpath(os.path.splitext(opts.out)[0] + "_examples.png", REPO),
     }
     os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
     with open(opts.out, "w", encoding="utf-8") as f:
@@ -328,4 +349,5 @@ def main(argv: Optional[list[str]] = None) -> None:
     md = os.path.splitext(opts.out)[0] + ".md"
     with open(md, "w", encoding="utf-8") as f:
         f.write(markdown(result))
-    print(f"wrote {opts.out} and {md}")
+    example_picture(ev, os.path.splitext(opts.out)[0] + "_examples.png")
+    print(f"wrote {opts.out}, {md} and the example picture")

@@ -207,6 +207,8 @@ def test_training_batch_is_reproducible():
     cells, _ = figures.batch(config.seed * 1_000_003 + 7, 4)
     sigma = sigmas[t.long()].view(-1, 1, 1, 1)
     assert torch.allclose(x_in * torch.sqrt(sigma ** 2 + 1), codec.encode_cells(cells) + sigma * noise, atol=1e-5)
+    weights = model.loss_weight(torch.tensor([0.0, 3.0, 100.0]), model.TrainConfig(loss_weight_cap=16.0))
+    assert weights.tolist() == [1.0, 4.0, 16.0]
     assert [model.learning_rate(model.TrainConfig(steps=100, warmup=10, lr=1.0), s) for s in (0, 9, 10, 99)] == \
         pytest.approx([0.1, 1.0, 1.0, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90))])
 
@@ -223,3 +225,16 @@ def test_two_training_steps_give_the_same_weights():
     untrained = {k: v.float() for k, v in model.build_unet(config.seed).state_dict().items()}
     assert model.weights_sha256(untrained) != model.weights_sha256(first)
     assert len(record["loss_curve"]) == 2 and all(math.isfinite(v) for v in record["loss_curve"])
+
+
+def test_prompts_fill_one_clip_chunk():
+    comfyenv = pytest.importorskip("comfyenv")
+    if not comfyenv.bootstrap():
+        pytest.skip(comfyenv.SKIP_REASON)
+    from comfy.sd1_clip import SDTokenizer
+
+    tokenizer = SDTokenizer()
+    for prompt in figures.PROMPTS:
+        chunks = tokenizer.tokenize_with_weights(prompt)
+        words = [t for t in chunks[0] if t[0] not in (tokenizer.start_token, tokenizer.end_token)]
+        assert len(chunks) == 1 and 60 <= len(words) <= 75, prompt
