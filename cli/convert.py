@@ -305,7 +305,13 @@ def _convert_node(graph: _Graph, node: dict, info: dict) -> tuple[dict[str, Any]
     values = list(values or [])
 
     expected = sum(s.widget_slots for s in slots) + upload_slots(info)
-    if by_name == {} and len(values) != expected:
+    # a workflow saved before optional widgets were added at the end has fewer values: they take their defaults
+    added_later = 0
+    for s in reversed([s for s in slots if s.widget_slots]):
+        if s.required:
+            break
+        added_later += s.widget_slots
+    if by_name == {} and len(values) != expected and not 0 < expected - len(values) <= added_later:
         warnings.append(f"{label}: {len(values)} widget values for {expected} widget slots; the node's inputs "
                         "may have changed since the workflow was saved: check the converted values")
 

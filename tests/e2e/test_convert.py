@@ -142,12 +142,21 @@ def test_links_in_object_form(ui, object_info, api):
 
 def test_old_workflow_missing_trailing_widget_gets_the_default(ui, object_info):
     patch = node(ui, 9)
-    patch["widgets_values"] = patch["widgets_values"][:-1]  # saved before uncond_sees_references existed
+    patch["widgets_values"] = patch["widgets_values"][:-4]  # saved before uncond_sees_references existed
     conversion = ui_to_api(ui, object_info)
     assert conversion.prompt["9"]["inputs"]["uncond_sees_references"] is False
-    assert any("node 9" in w for w in conversion.warnings)
+    assert any("node 9" in w for w in conversion.warnings)  # a required widget was missing: check it
     with pytest.raises(ConversionError):
         ui_to_api(ui, object_info, strict=True)
+
+
+def test_optional_widgets_added_at_the_end_take_their_defaults_quietly(ui, object_info):
+    patch = node(ui, 9)
+    patch["widgets_values"] = patch["widgets_values"][:-3]  # saved before style_fidelity, reference_weights ...
+    conversion = ui_to_api(ui, object_info, strict=True)
+    inputs = conversion.prompt["9"]["inputs"]
+    assert (inputs["style_fidelity"], inputs["reference_weights"], inputs["weight_type"]) == (1.0, "", "constant")
+    assert not conversion.warnings
 
 
 def test_widget_values_by_name(ui, object_info, api):
