@@ -112,19 +112,19 @@ def project_parts(
         tokens = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[1])], dim=0)
     k = to_k(tokens.unsqueeze(0))
     v = to_v(tokens.unsqueeze(0))
-    weights = [w for t, _, w in kept for _ in range(t.shape[0])]
-    uneven = any(w != 1.0 for w in weights)
+    # one weight per key (the zero key, when there is one, last with weight 1), built per reference, not per token
+    part_weights = torch.tensor([w for _, _, w in kept] + [1.0], dtype=torch.float64)
+    counts = torch.tensor(list(segments) + [tokens.shape[0] - sum(segments)])
+    per_key = torch.repeat_interleave(part_weights, counts)
+    uneven = any(w != 1.0 for t, _, w in kept if t.shape[0])
     if weight_values and uneven:
-        scale = torch.tensor(weights + [1.0] * (tokens.shape[0] - len(weights)), dtype=v.dtype, device=v.device)
-        v = v * scale.reshape(1, -1, 1)
+        v = v * per_key.to(dtype=v.dtype, device=v.device).reshape(1, -1, 1)
     bias = None
     if strength != 1.0 or zero_mass > 0 or (uneven and not weight_values):
-        log_s = math.log(strength)
-        mass = weights if not weight_values else [1.0] * len(weights)
-        values = [log_s + math.log(w) for w in mass]
+        log_mass = torch.zeros_like(per_key) if weight_values else per_key.log()
         if zero_mass > 0:
-            values.append(log_s + math.log(zero_mass))
-        bias = torch.tensor(values, dtype=k.dtype, device=k.device)
+            log_mass[-1] = math.log(zero_mass)
+        bias = (log_mass + math.log(strength)).to(dtype=k.dtype, device=k.device)
     return ProjectedReferences(k, v, bias, segments)
 
 
