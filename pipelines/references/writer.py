@@ -124,11 +124,15 @@ def _capture_patch(store: dict[BlockKey, dict[int, CapturedTokens]], keys: Optio
 
 
 def _stats_patches(stats: dict[UNetBlock, dict[int, Optional[FeatureStats]]], indices: tuple[int, ...],
-                   projector: MaskProjector, keep_device: Optional[torch.device], remaining: _Remaining):
-    """input_block_patch and output_block_patch that record every UNet block output's statistics per reference
-    (for AdaIN): input block i at its own patch, the middle block and output block i at output block i + 1's."""
+                   projector: MaskProjector, keep_device: Optional[torch.device], remaining: _Remaining,
+                   only: frozenset = frozenset()):
+    """input_block_patch and output_block_patch that record the UNet block outputs' statistics per reference
+    (for AdaIN; ``only`` these blocks when given, else every one passed): input block i at its own patch, the
+    middle block and output block i at output block i + 1's."""
 
     def record(point: UNetBlock, h: Tensor) -> None:
+        if only and point not in only:
+            return
         grid = (int(h.shape[-2]), int(h.shape[-1]))
         slot = stats.setdefault(point, {})
         for row, ref in enumerate(indices):
@@ -169,8 +173,9 @@ def run_writer(
 
     ``keys``: the blocks to capture in execution order (the forward stops once they and ``points`` are
     captured); None = all, found by walking the model, which per-step callers avoid by passing their ordered keys.
-    ``stats_out``: filled with every UNet block output's statistics per reference that the forward passes
-    (AdaIN; ``points`` are the blocks it must reach).
+    ``stats_out``: filled with the UNet block outputs' statistics per reference (AdaIN): those of ``points``
+    (per-step passes), or of every block the forward passes when ``points`` is empty (a cached bank, whose
+    reader chooses its blocks later).
     """
     patcher = writer.patcher
     model = patcher.model
@@ -204,7 +209,7 @@ def run_writer(
         patches["attn1_patch"] = list(patches.get("attn1_patch", [])) + [capture]
         if stats_out is not None:
             after_input, before_output = _stats_patches(stats, group.indices, writer.projector, keep_device,
-                                                        remaining)
+                                                        remaining, frozenset(points))
             patches["input_block_patch"] = list(patches.get("input_block_patch", [])) + [after_input]
             patches["output_block_patch"] = list(patches.get("output_block_patch", [])) + [before_output]
         to["patches"] = patches
