@@ -33,7 +33,7 @@ from typing import Optional
 
 # The workloads are shared with the e2e tier, which owns them (bench/ is a folder of scripts, not a package).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
-from workloads import GROWTH_MAX, REPO, run_soak, soak_models
+from workloads import GROWTH_MAX, REPO, STEADY_ALLOCATOR, run_soak, soak_models
 
 VAE_NOTE = ("tiny synthetic TAESD (VAELoader 'taesd') in place of the checkpoint's full-size VAE, except for the "
             "trained hand generator's mask head")
@@ -65,12 +65,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                            check=True, cwd=tmp)
         import_comfy(args.comfyui)  # CPU mode, no bytecode in the ComfyUI folder (for the TAESD layout)
         models = soak_models(models, os.path.join(tmp, "soak-models"))
+        os.environ.update(STEADY_ALLOCATOR)  # the server inherits it
         with LocalComfyUI(args.comfyui, models=models, start_timeout=180) as server:
             client = ComfyClient(server.url, timeout=60)
             result = run_soak(client, server.proc.pid, args.prompts)
     report = {"benchmark": "soak", "command": "python bench/soak.py " + " ".join(argv or sys.argv[1:]),
               "environment": environment("cpu (--cpu)", args.comfyui, loadavg_start=list(load),
-                                         loadavg_end=list(os.getloadavg()), vae=VAE_NOTE),
+                                         loadavg_end=list(os.getloadavg()), vae=VAE_NOTE,
+                                         server_environment=STEADY_ALLOCATOR),
               **result.as_json()}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:

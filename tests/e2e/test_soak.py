@@ -24,8 +24,12 @@ PROMPTS = 50
 def soak_server(tiny_models, tmp_path_factory):
     """A fresh server: the tiny models plus a tiny synthetic TAESD (models/vae_approx)."""
     models = workloads.soak_models(str(tiny_models), str(tmp_path_factory.mktemp("soak-models")))
-    with running_server(models) as server:
-        yield server
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in workloads.STEADY_ALLOCATOR.items():
+            mp.setenv(key, value)  # the server inherits it
+        with running_server(models) as server:
+            mp.undo()
+            yield server
 
 
 def test_the_plan_mixes_workflows_counts_masks_and_sizes():
