@@ -9,11 +9,18 @@ from .banks import LoadReferenceBank, SaveReferenceBank
 from .hands import HandCanvas, HandGenerator, HandGeneratorLoader, SequentialMaskExpandOutpaint
 from .mimicbrush import MimicBrushConditioning, MimicBrushLoader, MimicBrushPaste
 from .parts2whole import Parts2WholeApply, Parts2WholeLoader
-from .references import MaskedSharedAttentionPatch, ReferenceEncoder
+from .references import (
+    MaskedSharedAttentionPatch,
+    ReferenceAttentionMaps,
+    ReferenceAttentionRecorder,
+    ReferenceEncoder,
+)
 
 NODES: list[type[io.ComfyNode]] = [
     ReferenceEncoder,
     MaskedSharedAttentionPatch,
+    ReferenceAttentionRecorder,
+    ReferenceAttentionMaps,
     SaveReferenceBank,
     LoadReferenceBank,
     Parts2WholeLoader,

@@ -1,4 +1,5 @@
-"""The training-free reference nodes: ReferenceEncoder (images -> REFERENCE_BANK) and MaskedSharedAttentionPatch."""
+"""The training-free reference nodes: ReferenceEncoder (images -> REFERENCE_BANK), MaskedSharedAttentionPatch,
+and the attention maps (ReferenceAttentionRecorder, ReferenceAttentionMaps)."""
 from __future__ import annotations
 
 from comfy_api.latest import io
@@ -9,11 +10,12 @@ from ..attention.masks import MASK_RULES
 from ..attention.reader import MODES
 from ..attention.schedules import WEIGHT_TYPES, WeightType
 from ..pipelines.notices import warn
+from ..pipelines.references.attention_maps import NORMALIZE, RECORD_BLOCKS, attach_record, render_maps
 from ..pipelines.references.inputs import prepare_references
 from ..pipelines.references.patch import apply_reference_patch, build_reference_bank
 from .notices import shows_warnings
 from .slots import collect_slots
-from .types import ReferenceBankType
+from .types import AttentionRecordType, ReferenceBankType
 
 CATEGORY = "HumanRef/References"
 SLOTS = MAX_REFERENCES
@@ -182,3 +184,76 @@ class MaskedSharedAttentionPatch(io.ComfyNode):
                                         blocks, custom_blocks, fidelity, regions=region_masks,
                                         reference_weights=reference_weights, weight_type=weight_type)
         return io.NodeOutput(patched)
+
+
+class ReferenceAttentionRecorder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HumanRef_ReferenceAttentionRecorder",
+            display_name="Record Reference Attention (HumanRef)",
+            category=CATEGORY,
+            description="Makes the sampler note where in the picture each reference's attention goes, for "
+                        "Reference Attention Maps. Put it on the model you sample with references; it does not "
+                        "change the picture.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model with (or, before or after, to get) a Masked Shared "
+                                                "Attention Patch. It is not modified: a recording copy is output."),
+                io.Combo.Input("blocks", options=list(RECORD_BLOCKS), default="all",
+                               tooltip="Which layers to look at. all (default): every layer the references act "
+                                       "in, averaged. input, middle, output: only the encoder, middle or decoder "
+                                       "layers (the decoder shows where details land)."),
+                io.Int.Input("step", default=-1, min=-1, max=10000,
+                             tooltip="Which sampler step to look at, counted from 0; -1 (default): every step, "
+                                     "averaged. Early steps show where the layout takes a reference, late steps "
+                                     "where its details go."),
+            ],
+            outputs=[io.Model.Output("model"),
+                     AttentionRecordType.Output("attention_record",
+                                                tooltip="Connect to Reference Attention Maps. It holds the last "
+                                                        "sampling run of this model.")],
+        )
+
+    @classmethod
+    @shows_warnings
+    def execute(cls, model, blocks, step) -> io.NodeOutput:
+        patched, record = attach_record(model, blocks, step)
+        return io.NodeOutput(patched, record)
+
+
+class ReferenceAttentionMaps(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HumanRef_ReferenceAttentionMaps",
+            display_name="Reference Attention Maps (HumanRef)",
+            category=CATEGORY,
+            description="Shows where in the picture each reference's attention went during the last sampling "
+                        "run: one heatmap over the picture and one mask per reference (bright = that part of the "
+                        "picture looked at this reference). Use it to see a reference pulled into the wrong "
+                        "place, or a region mask that is off.",
+            inputs=[
+                AttentionRecordType.Input("attention_record",
+                                          tooltip="From Record Reference Attention, whose model the sampler used."),
+                io.Image.Input("images", optional=True,
+                               tooltip="The sampled pictures, decoded (VAE Decode after the sampler): the heatmaps "
+                                       "are drawn over them. Unconnected: on black."),
+                io.Float.Input("opacity", default=0.6, min=0.0, max=1.0, step=0.05,
+                               tooltip="How strongly the heatmap covers the picture (0: the picture only, 1: the "
+                                       "heatmap only)."),
+                io.Combo.Input("normalize", options=list(NORMALIZE), default=NORMALIZE[0],
+                               tooltip="per map (default): each map stretched to its own brightest point, to show "
+                                       "where a reference goes even when it takes little attention. none: the "
+                                       "share of attention itself (0 to 1), to compare references."),
+            ],
+            outputs=[io.Image.Output("heatmaps", tooltip="One picture per reference (and per image of the batch), "
+                                                         "captioned with its label and its peak and mean share."),
+                     io.Mask.Output("masks", tooltip="The same maps as masks, in the same order."),
+                     io.String.Output("captions", tooltip="One line per map: label, peak and mean share.")],
+        )
+
+    @classmethod
+    @shows_warnings
+    def execute(cls, attention_record, opacity, normalize, images=None) -> io.NodeOutput:
+        heatmaps, masks, captions = render_maps(attention_record, images, opacity, normalize)
+        return io.NodeOutput(heatmaps, masks, "\n".join(captions))

@@ -11,3 +11,4 @@ MimicBrushEditType = io.Custom("MIMICBRUSH_EDIT")
 PoseKeypointType = io.Custom("POSE_KEYPOINT")  # comfyui_controlnet_aux's type name
 HandCropsType = io.Custom("HUMANREF_HAND_CROPS")
 HandGeneratorType = io.Custom("HUMANREF_HAND_GENERATOR")
+AttentionRecordType = io.Custom("HUMANREF_ATTENTION_RECORD")

@@ -45,6 +45,7 @@ from ...attention.reader import ActivePatch, Mode, Strength, mode_named, referen
 from ...attention.schedules import WeightType, weight_factor
 from ..loading.comfy_unet import model_family
 from ..notices import warn
+from .attention_maps import RECORD_KEY, record_call
 from .inputs import PreparedReference
 from .writer import (
     WriterInputs,
@@ -392,6 +393,7 @@ class ReferenceAttnReplace:
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
         runs = extra_options.get(RUNS_KEY) or {}
         active: list[ActivePatch] = []
+        sources: list[ReferencePatch] = []
         for patch in self.patches:
             state: Optional[RunState] = runs.get(patch.uid)
             if state is None or not state.call_active:
@@ -404,6 +406,7 @@ class ReferenceAttnReplace:
                     allowed = state.allowed_for((int(h), int(w)), q) if q.shape[1] == h * w else None
                 active.append(ActivePatch(patch.mode, refs, patch.weight * state.factor, patch.style_fidelity,
                                           allowed))
+                sources.append(patch)
         if active:
             h, w = extra_options["activations_shape"][-2:]
             if q.shape[1] != h * w:
@@ -413,6 +416,9 @@ class ReferenceAttnReplace:
                     "reference attention needs one query per latent pixel: remove that patch from the model you "
                     "sample with references (it can stay on models sampled without them).")
         heads = extra_options["n_heads"]
+        record = extra_options.get(RECORD_KEY)
+        if record is not None and active:
+            record_call(record, self.key, q, k, heads, active, sources, extra_options)
         return reference_attention(q, k, v, heads, extra_options.get("cond_or_uncond"), active,
                                    host_attention(extra_options))
 

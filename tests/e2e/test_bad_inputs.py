@@ -336,6 +336,30 @@ def save_bank_prompt(**over) -> dict:
     return g.preview(g.add("HumanRef_SaveReferenceBank", **inputs))
 
 
+def maps_prompt(patch: bool = True, recorder: Optional[dict] = None, images: Optional[Callable] = None,
+                **over) -> dict:
+    """Checkpoint -> (patch) -> recorder -> KSampler (2 steps) -> decode -> Reference Attention Maps."""
+    g = Graph()
+    ckpt, vae = base(g)
+    model = [ckpt, 0]
+    if patch:
+        model = [g.add("HumanRef_MaskedSharedAttentionPatch", model=model, reference_bank=[encoder(g, ckpt, vae), 0],
+                       mode="concat", strength=1.0, start_percent=0.0, end_percent=1.0, blocks="all",
+                       custom_blocks="", uncond_sees_references=False), 0]
+    rec = g.add("HumanRef_ReferenceAttentionRecorder", model=model, **{"blocks": "all", "step": -1,
+                                                                       **(recorder or {})})
+    pos = g.add("CLIPTextEncode", text=workloads.POSITIVE, clip=[ckpt, 1])
+    neg = g.add("CLIPTextEncode", text=workloads.NEGATIVE, clip=[ckpt, 1])
+    latent = g.add("EmptyLatentImage", width=64, height=64, batch_size=1)
+    sampled = g.add("KSampler", model=[rec, 0], positive=[pos, 0], negative=[neg, 0], latent_image=[latent, 0],
+                    seed=1, steps=2, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    decoded = [g.add("VAEDecode", samples=[sampled, 0], vae=[vae, 0]), 0]
+    inputs = dict(attention_record=[rec, 1], images=images(g, decoded) if images else decoded, opacity=0.6,
+                  normalize="per map")
+    inputs.update(over)
+    return g.preview(g.add("HumanRef_ReferenceAttentionMaps", **inputs))
+
+
 def load_bank_prompt(name: str) -> dict:
     g = Graph()
     return g.preview(g.add("HumanRef_LoadReferenceBank", reference_bank_name=name))
@@ -419,6 +443,16 @@ CASES: list[Case] = [
          ("reference_bank",), "validation"),
     Case(PATCH, "wrong model type (a bank of the SD1.5 writer on the Parts2Whole UNet)",
          lambda: patch_prompt(model=p2w_model), ("reference_bank", "model")),
+    # ---- ReferenceAttentionRecorder, ReferenceAttentionMaps
+    Case("ReferenceAttentionRecorder", "a step the sampler never reaches",
+         lambda: maps_prompt(recorder={"step": 7}), ("step is 7", "ran 2 steps")),
+    Case("ReferenceAttentionRecorder", "an unknown block set", lambda: maps_prompt(recorder={"blocks": "decoder"}),
+         ("blocks",), "validation"),
+    Case("ReferenceAttentionMaps", "a model without a reference patch", lambda: maps_prompt(patch=False),
+         ("attention_record", "no reference acted")),
+    Case("ReferenceAttentionMaps", "images of another batch",
+         lambda: maps_prompt(images=lambda g, decoded: batch(g, decoded, 3)), ("images", "batch of 3")),
+    Case("ReferenceAttentionMaps", "opacity above 1", lambda: maps_prompt(opacity=1.5), ("opacity",), "validation"),
     # ---- SaveReferenceBank
     Case("SaveReferenceBank", "an every step bank (it holds no features)",
          lambda: save_bank_prompt(reference_bank=lambda g, ckpt, vae: [encoder(g, ckpt, vae, timing="every step"), 0]),
@@ -593,6 +627,7 @@ GOOD: dict[str, Callable[[], dict]] = {
     "HandGeneratorLoader": lambda: hand_loader_prompt("humanref-tiny-hand-generator.safetensors"),
     "HandGenerator": hands_prompt, "HandCanvas": canvas_prompt, "SequentialMaskExpandOutpaint": outpaint_prompt,
     "GarmentLoRAExtractor": lambda: garments_prompt(workloads.TINY_GARMENTS),
+    "ReferenceAttentionRecorder": maps_prompt, "ReferenceAttentionMaps": maps_prompt,
     "SaveReferenceBank": save_bank_prompt, "LoadReferenceBank": lambda: load_bank_prompt("sdxl-bank.safetensors"),
 }
 
