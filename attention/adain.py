@@ -11,7 +11,10 @@ Which blocks: the anchors' set at their default weight 1.0, from their per-block
 [4, 5, 7, 8, 10, 11] gated 2 (1 - w / 6), the middle block 0, output blocks [0..7] gated 2 w / 8; a block
 acts when the gate is below the weight): SD1.5 input 10, 11, middle, output 0-3; SDXL input 8, middle,
 output 0-2 (its lists are [4, 5, 7, 8] and [0..5]). That is, the deepest blocks: the last 2 (SDXL: 1) input
-blocks, the middle, the first 4 (SDXL: 3) output blocks, which is how a UNet of other depth is served.
+blocks, the middle, the first 4 (SDXL: 3) output blocks, which is how a UNet of other depth is served, except
+that input block 0 (``conv_in``, a linear map of the latent itself) is never one, as in the anchors' lists: on a
+shallow UNet "the last 2 input blocks" would otherwise include it, and AdaIN there replaces the noisy latent's
+statistics by the reference's before the UNet has seen it (a UNet with 2 input blocks then lost its layout).
 """
 from __future__ import annotations
 
@@ -72,13 +75,13 @@ def adain(x: Tensor, refs: Sequence[FeatureStats], weights: Sequence[float]) -> 
 
 
 def default_adain_blocks(family: str, inputs: int, outputs: int) -> tuple[UNetBlock, ...]:
-    """The anchors' set for a UNet of ``inputs`` input and ``outputs`` output blocks (the last output block has
-    no patch point after it, so it is never one)."""
+    """The anchors' set for a UNet of ``inputs`` input and ``outputs`` output blocks (input block 0, conv_in, is
+    never one; the last output block has no patch point after it, so it is never one either)."""
     if family not in ADAIN_DEPTH:
         raise ValueError(f"AdaIN knows the block set of SD15 and SDXL models, not {family or 'this model'}: choose "
                          "blocks 'custom' and list the blocks, e.g. 'middle_0, output_0, output_1'")
     last_inputs, first_outputs = ADAIN_DEPTH[family]
-    return (tuple(("input", i) for i in range(max(0, inputs - last_inputs), inputs)) + (("middle", 0),)
+    return (tuple(("input", i) for i in range(max(1, inputs - last_inputs), inputs)) + (("middle", 0),)
             + tuple(("output", i) for i in range(min(first_outputs, outputs - 1))))
 
 

@@ -28,12 +28,12 @@ from torch import Tensor
 from . import codec, figures
 
 CHECKPOINT = "humanref-likeness-sd15.safetensors"
-FORMAT = 3  # bump when the data, codec or training changes meaning (invalidates cached checkpoints)
+FORMAT = 4  # bump when the data, codec or training changes meaning (invalidates cached checkpoints)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 800
+    steps: int = 700
     batch: int = 8
     lr: float = 5e-4
     warmup: int = 30
@@ -44,6 +44,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1  # CPU results depend on the thread count; one is also robust on a busy machine
     bf16: bool = True  # CPU autocast: ~2.4x faster on CPUs with avx512_bf16
+    channel_mult: tuple[int, ...] = (1, 1, 1)  # UNet levels (see unet_config)
 
     def key(self) -> str:
         """What a cached checkpoint must match."""
@@ -89,17 +90,24 @@ def schedule() -> Tensor:
     return comfy.model_sampling.ModelSamplingDiscrete().sigmas.float()
 
 
-def build_unet(seed: int) -> torch.nn.Module:
-    """ComfyUI's UNetModel in the tiny SD1.5 layout, ``random_like`` weights, the output convolution zero."""
+def unet_config(config: TrainConfig) -> dict:
+    """An SD1.5-layout UNet config (320 channels, context 768, conv proj_in: ComfyUI detects it as SD15)."""
+    from humanref.pipelines.synthetic.base import sd15_unet_config
+
+    return sd15_unet_config(channel_mult=tuple(config.channel_mult), num_res_blocks=1, middle=True)
+
+
+def build_unet(config: TrainConfig) -> torch.nn.Module:
+    """ComfyUI's UNetModel of ``unet_config``, ``random_like`` weights, the output convolution zero."""
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     from humanref.pipelines.loading.comfy_unet import unet_shapes
-    from humanref.pipelines.synthetic.base import random_like, tiny_sd15_unet_config
+    from humanref.pipelines.synthetic.base import random_like
 
-    cfg = tiny_sd15_unet_config()
+    cfg = unet_config(config)
     unet = UNetModel(**cfg, operations=comfy.ops.disable_weight_init)
-    sd = random_like(unet_shapes(cfg), seed)
+    sd = random_like(unet_shapes(cfg), config.seed)
     sd["out.2.weight"].zero_()
     unet.load_state_dict(sd)
     return unet
@@ -138,7 +146,7 @@ def train(config: TrainConfig, table: Tensor, log: Optional[Callable[[str], None
     """Train from scratch; (UNet state dict, record with the loss curve and the time taken)."""
     torch.set_num_threads(config.threads)
     torch.set_flush_denormal(True)  # denormal gradients late in training slow a CPU down many times
-    unet = build_unet(config.seed)
+    unet = build_unet(config)
     unet.train()
     sigmas = schedule()
     opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)

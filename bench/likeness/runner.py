@@ -1,7 +1,7 @@
 """Likeness benchmark: on a mini latent diffusion model trained here (minutes on a CPU), how far does each
 reference mode move a sample's appearance toward the reference's, and does its layout still follow the prompt?
 
-    python bench/likeness [--refs 6] [--steps 12] [--retrain] [--rows "concat,dual"]
+    python bench/likeness [--refs 6] [--steps 10] [--retrain] [--rows "concat; dual"]
     python -m bench.likeness ...   (the same, from the repository root)
 
 1. The model (``model.py``): the tiny SD1.5 UNet layout trained from scratch on the synthetic figures of
@@ -44,7 +44,6 @@ from _env import environment, setup_comfy  # noqa: E402
 
 REFERENCE_SEED = 10_000
 NOISE_SEED = 1_000
-TIMING = "once at t=0"
 MASK_RULE = "parts2whole"
 EXAMPLE_CASES = 2
 
@@ -104,14 +103,15 @@ class Evaluation:
         from humanref.pipelines.references.inputs import prepare_references
         from humanref.pipelines.references.patch import build_reference_bank
 
-        key = (case.index, row.references, row.reference_mask)
+        key = (case.index, row.references, row.reference_mask, row.timing)
         if key not in self.banks:
             inputs = [(1, figures.to_image(case.cells), case.mask(row.reference_mask),
                        figures.LAYOUTS[case.layout].prompt)]
             if row.references == 2:
                 inputs.append((2, figures.to_image(case.distractor), None, ""))
             refs = prepare_references(inputs, 0, 6)
-            self.banks[key] = build_reference_bank(self.model, self.vae, self.clip, refs, TIMING, MASK_RULE)
+            self.banks[key] = build_reference_bank(self.model, self.vae, self.clip, refs, row.timing, MASK_RULE,
+                                                   seed=case.noise_seed)
         return self.banks[key]
 
     # ------------------------------------------------------------------------------------------------ rows
@@ -120,7 +120,8 @@ class Evaluation:
         from humanref.pipelines.references.patch import apply_reference_patch
 
         entry: dict = {"row": row.name, "mode": row.mode, "kwargs": row.kwargs, "references": row.references,
-                       "reference_mask": row.reference_mask or None, "what": row.what}
+                       "reference_mask": row.reference_mask or None, "bank_timing": row.timing if row.mode else None,
+                       "what": row.what}
         why = unavailable(row, apply_reference_patch, MODES)
         if why:
             entry["status"] = why
@@ -260,22 +261,25 @@ def markdown(result: dict) -> str:
         f"({ev['references']} references x 5 prompts), {ev['sampler']}/{ev['scheduler']}, {ev['steps']} steps, "
         f"CFG {ev['cfg']}. Medians [quartiles].",
         "",
-        "| row | gap closed toward the reference | closer than baseline | gap closed toward an unseen look "
+        "| row | bank | gap closed toward the reference | closer than baseline | gap closed toward an unseen look "
         "| layout IoU with the prompt | layout accuracy | IoU with the reference's layout |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for e in result["rows"]:
+        bank = {None: "-", "once at t=0": "t=0", "every step": "per step"}.get(e.get("bank_timing"), "?")
         if e["status"] != "ok":
-            lines.append(f"| {e['row']} | {e['status']} | | | | | |")
+            lines.append(f"| {e['row']} | {bank} | {e['status']} | | | | | |")
             continue
         base = e["mode"] is None
         lines.append(
-            f"| {e['row']} | {'(0 by definition)' if base else _q(e['gap_closed'])} | "
+            f"| {e['row']} | {bank} | {'(0 by definition)' if base else _q(e['gap_closed'])} | "
             f"{'-' if base else format(e['closer_than_baseline'], '.0%')} | "
             f"{'-' if base else _q(e['gap_closed_toward_unseen'])} | {_q(e['layout_iou'])} | "
             f"{e['layout_accuracy']:.0%} | {_q(e['reference_layout_iou'])} |")
     lines += [
         "",
+        "Bank: t=0 = the writer ran once on the clean reference (Parts2Whole); per step = on the reference noised "
+        "to each step's sigma (A1111/ACN reference_adain). "
         "Gap closed = 1 - d(sample, reference) / d(baseline, reference) on 11 appearance statistics (mean colour of "
         "the shirt and trouser bands, colour spread and stripe steps in the shirt band), the baseline being the same "
         "prompt and noise without a reference: 0 = no move, 1 = the reference's statistics. Toward an unseen look: the "
@@ -298,19 +302,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--retrain", action="store_true", help="train again even when a matching checkpoint is cached")
     p.add_argument("--train-steps", type=int, default=model.TrainConfig.steps)
     p.add_argument("--refs", type=int, default=6, help="references; each gives 5 samples per row")
-    p.add_argument("--steps", type=int, default=12, help="sampler steps")
+    p.add_argument("--steps", type=int, default=10, help="sampler steps")
     p.add_argument("--cfg", type=float, default=4.0)
     p.add_argument("--sampler", default="euler")
     p.add_argument("--scheduler", default="normal")
     p.add_argument("--threads", type=int, default=model.TrainConfig.threads,
                    help="torch threads for training and sampling (part of the cached model's key)")
-    p.add_argument("--rows", default="", help="comma-separated row names to run (default all; the baseline "
-                   "always runs)")
+    p.add_argument("--rows", default="", help="row names to run, separated by ';' (names hold commas; default "
+                   "all; the baseline always runs)")
     p.add_argument("--comfyui", default=None, help="ComfyUI folder (default $COMFYUI_PATH or /opt/ComfyUI)")
     opts = p.parse_args(argv)
     if opts.refs < 1 or opts.steps < 1 or opts.train_steps < 1:
         p.error("--refs, --steps and --train-steps must be at least 1")
-    wanted = [r.strip() for r in opts.rows.split(",") if r.strip()]
+    wanted = [r.strip() for r in opts.rows.split(";") if r.strip()]
     names = {r.name for r in ROWS}
     unknown = [w for w in wanted if w not in names]
     if unknown:
@@ -339,7 +343,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         "evaluation": {"references": opts.refs, "samples_per_row": 5 * opts.refs, "steps": opts.steps,
                        "cfg": opts.cfg, "sampler": opts.sampler, "scheduler": opts.scheduler,
                        "reference_seeds": f"{REFERENCE_SEED} + r", "noise_seeds": f"{NOISE_SEED} + r",
-                       "bank": {"timing": TIMING, "mask_rule": MASK_RULE}, "seconds": time.perf_counter() - t0},
+                       "bank": {"timing": "per row (bank_timing)", "mask_rule": MASK_RULE,
+                                "writer_noise_seed": "the case's noise seed (every-step banks)"},
+                       "seconds": time.perf_counter() - t0},
         "rows": results,
         "examples": os.path.relpath(os.path.splitext(opts.out)[0] + "_examples.png", REPO),
     }

@@ -78,11 +78,22 @@ def test_adain_block_sets_are_the_anchors_defaults():
     assert default_adain_blocks("SDXL", 9, 9) == tuple(sdxl)
     assert adain_blocks("SD15", "mid+up", 12, 12) == (("middle", 0), ("output", 0), ("output", 1), ("output", 2),
                                                       ("output", 3))
-    assert default_adain_blocks("SD15", 2, 2) == (("input", 0), ("input", 1), ("middle", 0), ("output", 0))
     assert adain_blocks("SD15", "custom", 12, 12, unet_blocks_named("input_10, output_9.1")) == (
         ("input", 10), ("output", 9))
     with pytest.raises(ValueError, match="not like"):
         unet_blocks_named("decoder_1")
+
+
+def test_adain_default_blocks_never_include_conv_in_on_a_shallow_unet():
+    # The anchors' lists start at input 4 (SD1.5) / 4 (SDXL): input 0 (conv_in, the latent itself) is never one.
+    # A one-level UNet (2 input blocks): "the last 2 input blocks" would be conv_in and input 1.
+    assert default_adain_blocks("SD15", 2, 2) == (("input", 1), ("middle", 0), ("output", 0))
+    assert default_adain_blocks("SDXL", 2, 2) == (("input", 1), ("middle", 0), ("output", 0))
+    assert default_adain_blocks("SD15", 1, 2) == (("middle", 0), ("output", 0))
+    # three levels of one res block (6 input, 6 output blocks): the deepest two input blocks, the first four outputs
+    assert default_adain_blocks("SD15", 6, 6) == (("input", 4), ("input", 5), ("middle", 0), ("output", 0),
+                                                  ("output", 1), ("output", 2), ("output", 3))
+    assert adain_blocks("SD15", "down-only", 2, 2) == (("input", 1),)
 
 
 # ----------------------------------------------------------------------------------------------- style fidelity
