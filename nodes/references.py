@@ -235,9 +235,10 @@ class ReferenceAttentionMaps(io.ComfyNode):
             inputs=[
                 AttentionRecordType.Input("attention_record",
                                           tooltip="From Record Reference Attention, whose model the sampler used."),
-                io.Image.Input("images", optional=True,
+                io.Image.Input("images",
                                tooltip="The sampled pictures, decoded (VAE Decode after the sampler): the heatmaps "
-                                       "are drawn over them. Unconnected: on black."),
+                                       "are drawn over them. Connecting them also makes this node wait for the "
+                                       "sampler, and run again when it samples again."),
                 io.Float.Input("opacity", default=0.6, min=0.0, max=1.0, step=0.05,
                                tooltip="How strongly the heatmap covers the picture (0: the picture only, 1: the "
                                        "heatmap only)."),
@@ -254,6 +255,6 @@ class ReferenceAttentionMaps(io.ComfyNode):
 
     @classmethod
     @shows_warnings
-    def execute(cls, attention_record, opacity, normalize, images=None) -> io.NodeOutput:
+    def execute(cls, attention_record, images, opacity, normalize) -> io.NodeOutput:
         heatmaps, masks, captions = render_maps(attention_record, images, opacity, normalize)
         return io.NodeOutput(heatmaps, masks, "\n".join(captions))

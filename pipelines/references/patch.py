@@ -561,6 +561,11 @@ def apply_reference_patch(
         else:
             points = adain_blocks(family, block_set, len(unet.input_blocks), len(unet.output_blocks))
         check_stats(bank, points, unet_block_points(unet))
+        if bank.cached and strength > 0:
+            warn(f"{injection.name} with a reference bank encoded 'once at t=0' applies the clean references' "
+                 "statistics at every step, also the noisiest, which can wash the picture out (A1111/ACN take "
+                 "them from the reference noised to each step). Encode the references with timing 'every step' "
+                 "for AdaIN")
     chosen = select_blocks(all_blocks, block_set, attention_custom) if injection.attends else []
     check_compatible(bank, chosen, describe_architecture(all_blocks, family))
     uid = f"humanref_ref_{uuid.uuid4().hex[:12]}"

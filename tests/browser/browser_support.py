@@ -63,6 +63,7 @@ SMALL_RUN = {
     "mimicbrush": {7: {"resolution": 256}, 8: {"steps": 2}},
     "hands": {5: {"resolution": 64, "steps": 2, "width": 128, "height": 192}, 9: {"steps": 3}},
     "anydressing": {14: {"width": 128, "height": 192}, 15: {"steps": 3}},
+    "references_likeness": {12: {"width": 128, "height": 192}, 13: {"steps": 3}},
 }
 
 # The sizes of the images each small run saves (SaveImage outputs, sorted).
@@ -72,6 +73,7 @@ EXPECTED_SIZES = {
     "mimicbrush": None,  # pasted back at the source image's size: filled in by expected_sizes()
     "hands": [(64, 64), (64, 64), (128, 192)],  # two hand crops and the outpainted body
     "anydressing": [(128, 192)],
+    "references_likeness": [(128, 192)] * 4,  # the portrait and one heatmap per reference
 }
 
 # Frontend errors that a shipped JSON really has, exactly as the page shows them, with the fix the JSON needs.

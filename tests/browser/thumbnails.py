@@ -42,6 +42,9 @@ CARDS = {
     "anydressing": ("AnyDressing", "a person wearing the garments",
                     [("garment_upper.png", "upper"), ("garment_lower.png", "lower"), ("garment_pose.png", "pose")],
                     "dressed person 576x768", 3 / 4),
+    "references_likeness": ("Likeness + maps", "adain+attn, a weight per reference, heatmaps",
+                            [("face.png", "face 1.2"), ("upper.png", "upper 1"), ("lower.png", "lower 0.7")],
+                            "portrait + where each reference lands", 2 / 3),
 }
 
 

@@ -86,7 +86,7 @@ def test_the_nodes_draw_a_heatmap_and_a_mask_per_reference(tiny_model, conds, ba
     model, record = ReferenceAttentionRecorder.execute(patched(tiny_model, bank), "all", -1).result
     ksample(model, conds, LATENT)
     images = torch.rand(1, 48, 80, 3)
-    heatmaps, masks, captions = ReferenceAttentionMaps.execute(record, 0.6, "per map", images=images).result
+    heatmaps, masks, captions = ReferenceAttentionMaps.execute(record, images, 0.6, "per map").result
     assert heatmaps.shape == (2, 48, 80, 3) and masks.shape == (2, 48, 80)
     assert [float(m.max()) for m in masks] == [1.0, 1.0]
     assert captions.splitlines()[0].startswith("face: peak") and "upper body clothes" in captions

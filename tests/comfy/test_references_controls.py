@@ -180,3 +180,20 @@ def test_a_bank_without_statistics_is_refused_for_adain(tiny_model, two_refs):
     with pytest.raises(ValueError, match=r"holds no statistics for block input_2"):
         apply_reference_patch(tiny_model, old, mode="adain")
     apply_reference_patch(tiny_model, old, mode="concat")  # attention modes do not need them
+
+
+def test_adain_on_a_once_bank_warns_and_an_every_step_bank_does_not(tiny_model, clip_vae, two_refs):
+    """The likeness benchmark found that clean-reference statistics at every step wash the picture out."""
+    from humanref.pipelines import notices
+
+    clip, vae = clip_vae
+    step_bank = build_reference_bank(tiny_model, vae, clip, prepare_references(references(), 768, 6),
+                                     "every step", "parts2whole")
+    for mode in ("adain", "adain+attn"):
+        with notices.collect() as warnings:
+            apply_reference_patch(tiny_model, two_refs, mode=mode)
+        assert len(warnings) == 1 and "timing 'every step'" in warnings[0] and warnings[0].startswith(mode)
+        with notices.collect() as warnings:
+            apply_reference_patch(tiny_model, step_bank, mode=mode)
+            apply_reference_patch(tiny_model, two_refs, mode="concat")
+        assert warnings == []

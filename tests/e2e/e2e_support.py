@@ -16,12 +16,15 @@ REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"
 # The template browser shows a custom node's template by its file name (title; the description is the name with
 # - and _ as spaces) and sorts by it: "N-method-what-it-makes". The API graphs keep the method's name.
+# workflow key -> its UI file (workflows/api/KEY.json is its API twin); a method's
+# second workflow is keyed METHOD_VARIANT
 UI_NAMES = {
     "references": "1-references-portrait-from-photos",
     "parts2whole": "2-parts2whole-person-from-parts",
     "mimicbrush": "3-mimicbrush-redraw-a-region",
     "hands": "4-hands-first-then-the-body",
     "anydressing": "5-anydressing-dress-a-person",
+    "references_likeness": "6-references-likeness-maps",
 }
 UI_WORKFLOWS = {method: WORKFLOWS / f"{name}.json" for method, name in UI_NAMES.items()}
 API_WORKFLOW = WORKFLOWS / "api" / "references.json"

@@ -26,12 +26,15 @@ def check_png(path: Path, size: tuple[int, int]) -> Image.Image:
 
 def test_template_browser_lists_the_ui_workflows(client):
     """ComfyUI's template browser finds every workflows/*.json of the installed pack (not workflows/api/): one per
-    method, named N-method-... (the card's title and its place in the alphabetical order)."""
+    method, named N-method-... (the card's title and its place in the alphabetical order); a method's second
+    workflow is keyed METHOD_VARIANT (its API file: workflows/api/METHOD_VARIANT.json)."""
     templates = client.get_json("/workflow_templates")
     expected = sorted(p.stem for p in UI_WORKFLOW.parent.glob("*.json"))
     assert expected == sorted(UI_NAMES.values())
-    for number, (method, name) in enumerate(UI_NAMES.items(), 1):
-        assert name.startswith(f"{number}-{method}-"), name
+    for number, (key, name) in enumerate(UI_NAMES.items(), 1):
+        method, _, variant = key.partition("_")
+        assert name.startswith(f"{number}-{method}-{variant}"), name
+        assert (UI_WORKFLOW.parent / "api" / f"{key}.json").is_file(), key
     assert sorted(templates.get("humanref", [])) == expected
     for name in expected:
         served = client.get_json(f"/api/workflow_templates/humanref/{name}.json")
