@@ -160,6 +160,7 @@ class AttentionRecord:
     steps_seen: set[int] = field(default_factory=set)
     runs: int = 0  # sampling runs started with this record (the maps show the last)
     steps: Optional[int] = None  # the last run's step count, when the host knows it
+    acted_without_attention: set[str] = field(default_factory=set)  # modes that moved statistics only (adain)
 
     def __deepcopy__(self, memo: dict) -> AttentionRecord:
         return self
@@ -171,6 +172,7 @@ class AttentionRecord:
         self._sums.clear()
         self.records = 0
         self.steps_seen.clear()
+        self.acted_without_attention.clear()
 
     def wants(self, key: BlockKey, step: int) -> bool:
         if self.step >= 0 and step != self.step:

@@ -83,6 +83,11 @@ def nothing_recorded(record: AttentionRecord) -> str:
     if record.step >= 0 and record.steps is not None and record.step >= record.steps:
         return (f"attention_record: step is {record.step}, but the sampler ran {record.steps} steps (0 to "
                 f"{record.steps - 1}); set step lower, or -1 for every step")
+    if record.acted_without_attention:
+        modes = ", ".join(sorted(record.acted_without_attention))
+        return (f"attention_record: the references acted through {modes} only, which moves feature statistics "
+                "and does not attend to them, so there is no attention to map. Use adain+attn (or concat, strict, "
+                "blend, dual) to see where each reference lands")
     return ("attention_record: the sampler ran, but no reference acted where and when the recorder looks (blocks "
             f"'{record.blocks}', step {record.step}). Put a Masked Shared Attention Patch on the recorded model, "
             "and check its blocks, start_percent and end_percent")

@@ -283,6 +283,9 @@ def _adain_patches(patch: ReferencePatch):
                   if st is not None and patch.weight_of(i) > 0]
         if not chosen or strength <= 0:
             return h
+        record = transformer_options.get(RECORD_KEY)
+        if record is not None and not patch.mode.attends:
+            record.acted_without_attention.add(patch.mode.name)
         return adain_chunks(h, transformer_options.get("cond_or_uncond"), [c[0] for c in chosen],
                             [c[1] for c in chosen], patch.style_fidelity)
 

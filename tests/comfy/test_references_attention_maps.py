@@ -106,6 +106,10 @@ def test_what_went_wrong_when_nothing_was_recorded(tiny_model, conds, bank):
     ksample(model, conds, LATENT)
     with pytest.raises(ValueError, match="step is 5, but the sampler ran 3 steps"):
         render_maps(late, None)
+    adain, statistics_only = attach_record(patched(tiny_model, bank, mode="adain"))
+    ksample(adain, conds, LATENT)
+    with pytest.raises(ValueError, match="acted through adain only, which moves feature statistics"):
+        render_maps(statistics_only, None)
     unpatched, empty = attach_record(tiny_model)
     ksample(unpatched, conds, LATENT)
     with pytest.raises(ValueError, match="no reference acted"):
