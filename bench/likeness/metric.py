@@ -2,8 +2,14 @@
 follows the prompt. All on cell images [3, 16, 16] (``figures.to_cells`` of a decoded picture, or the codec's
 exact ``decode_cells`` of a latent), float64 for the statistics.
 
-* foreground: the cells whose colour differs from the flat background by more than ``FG_THRESHOLD`` in some
-  channel (every figure colour differs by >= 0.45, see ``figures.random_colour`` and ``SKIN``);
+* background: the sample's own background colour, the per-channel median of the border ring of cells (a mode may
+  tint the whole background, as AdaIN does; against the fixed grey a tinted background would be all figure). The
+  figure covers at most 6 of the 60 ring cells (a right layout's arm in the last column, raised arms in the first
+  row; never the last row or the first column), so the median is the background's even when the figure touches
+  the border and a few stray cells land there;
+* foreground: the cells whose colour differs from that background by more than ``FG_THRESHOLD`` in some channel
+  (every figure colour differs from the untinted grey by >= 0.45, see ``figures.random_colour`` and ``SKIN``; a
+  figure colour within the threshold of a tinted background is lost, as it is to the eye);
 * appearance descriptor (11 numbers): the mean colour of the foreground cells in the shirt band (rows 4-9, where
   every layout has its torso) and in the trouser band (rows 10-15, its legs), the per-channel standard deviation
   in the shirt band (solid against striped), and the mean absolute colour step between vertically and between
@@ -31,9 +37,25 @@ TROUSER_ROWS = slice(10, 16)
 DESCRIPTOR_SIZE = 11
 
 
+def border(cells: Tensor) -> Tensor:
+    """[3, H, W] -> [3, 2H + 2W - 4]: the ring of edge cells (first and last row, then first and last column
+    without the corners)."""
+    if cells.dim() != 3 or cells.shape[0] != 3 or min(cells.shape[1:]) < 3:
+        raise ValueError(f"cells must be [3, H, W] with H, W >= 3, got {tuple(cells.shape)}")
+    return torch.cat([cells[:, 0], cells[:, -1], cells[:, 1:-1, 0], cells[:, 1:-1, -1]], dim=1)
+
+
+def background(cells: Tensor) -> Tensor:
+    """[3, H, W] -> [3]: the per-channel median of the border ring (the mean of the two middle values for an even
+    count, as ``statistics.median``), in the cells' floating dtype."""
+    ring = border(cells)
+    return (ring if ring.is_floating_point() else ring.double()).quantile(0.5, dim=1)
+
+
 def foreground(cells: Tensor) -> Tensor:
-    """[3, H, W] -> bool [H, W]: the cells that are not background."""
-    bg = torch.tensor(figures.BACKGROUND, dtype=cells.dtype).view(3, 1, 1)
+    """[3, H, W] -> bool [H, W]: the cells that differ from the sample's own background (:func:`background`)
+    by more than ``FG_THRESHOLD`` in some channel."""
+    bg = background(cells).view(3, 1, 1)
     return (cells - bg).abs().amax(dim=0) > FG_THRESHOLD
 
 

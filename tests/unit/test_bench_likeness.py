@@ -3,6 +3,7 @@ cases and naive float64 loops; the training batch and a two-step training run ar
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -111,10 +112,17 @@ def test_codec_as_comfyui_taesd():
 
 
 # ------------------------------------------------------------------------------------------------ metric
+def naive_background(x: list) -> list[float]:
+    """The per-channel median of the 60 edge cells, by listing them and sorting."""
+    ring = [(r, k) for r in range(16) for k in range(16) if r in (0, 15) or k in (0, 15)]
+    assert len(ring) == 60
+    return [statistics.median(x[c][r][k] for r, k in ring) for c in range(3)]
+
+
 def naive_descriptor(img: torch.Tensor) -> list[float]:
     """The 11 statistics with plain loops in float64."""
     x = img.double().tolist()
-    bg = figures.BACKGROUND
+    bg = naive_background(x)
     fg = [[max(abs(x[c][r][k] - bg[c]) for c in range(3)) > metric.FG_THRESHOLD for k in range(16)]
           for r in range(16)]
     shirt = [(r, k) for r in range(4, 10) for k in range(16) if fg[r][k]]
@@ -137,6 +145,76 @@ def test_descriptor_against_naive_loops(pattern):
     assert metric.descriptor(img).tolist() == pytest.approx(naive_descriptor(img), abs=1e-12)
     noisy = (img + 0.05 * torch.randn(img.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
     assert metric.descriptor(noisy).tolist() == pytest.approx(naive_descriptor(noisy), abs=1e-9)
+
+
+TINT = (0.45, 0.60, 0.75)  # a uniform bluish tint: > 0.25 from the grey and from every colour of ``look``
+
+
+def on_background(img: torch.Tensor, colour: tuple) -> torch.Tensor:
+    """``img`` with its grey background cells repainted ``colour``."""
+    grey = (img == torch.tensor(figures.BACKGROUND).view(3, 1, 1)).all(dim=0)
+    out = img.clone()
+    out[:, grey] = torch.tensor(colour).view(3, 1)
+    return out
+
+
+def old_foreground(cells: torch.Tensor) -> torch.Tensor:
+    """The rule before the background was estimated: different from the fixed grey."""
+    bg = torch.tensor(figures.BACKGROUND, dtype=cells.dtype).view(3, 1, 1)
+    return (cells - bg).abs().amax(dim=0) > metric.FG_THRESHOLD
+
+
+def test_border_ring_and_background_by_hand():
+    cells = torch.arange(3 * 4 * 5, dtype=torch.float64).view(3, 4, 5)
+    # channel 0 of a 4x5 grid numbered row-major: first row 0-4, last row 15-19, first column 5, 10, last 9, 14
+    assert metric.border(cells)[0].tolist() == [0, 1, 2, 3, 4, 15, 16, 17, 18, 19, 5, 10, 9, 14]
+    # median of those 14 values: the 7th and 8th of the sorted list (9 and 10) averaged
+    assert metric.background(cells).tolist() == [9.5, 29.5, 49.5]
+    with pytest.raises(ValueError, match=r"\[3, H, W\].*\(4, 4\)"):
+        metric.border(torch.zeros(4, 4))
+
+
+def test_foreground_on_a_tinted_background_is_the_figure():
+    for layout in figures.LAYOUTS:
+        tinted = on_background(figures.render(layout, look("vertical stripes")), TINT)
+        assert metric.background(tinted).tolist() == pytest.approx(TINT)
+        assert torch.equal(metric.foreground(tinted), figures.silhouette(layout)), layout
+        assert bool(old_foreground(tinted).all())  # the fixed grey read the whole tinted grid as figure
+
+
+def test_foreground_without_tint_is_unchanged():
+    noise = torch.Generator().manual_seed(4)
+    for layout in figures.LAYOUTS:
+        for pattern in figures.PATTERNS:
+            img = figures.render(layout, look(pattern))
+            assert torch.equal(metric.background(img), torch.tensor(figures.BACKGROUND))
+            assert torch.equal(metric.foreground(img), figures.silhouette(layout))
+            assert torch.equal(metric.foreground(img), old_foreground(img))
+            noisy = (img + 0.05 * torch.randn(img.shape, generator=noise)).clamp(0, 1)
+            assert torch.equal(metric.foreground(noisy), old_foreground(noisy))
+
+
+def test_foreground_with_the_figure_on_the_border():
+    # which layouts reach the ring: raised arms the first row, right layouts' arms the last column; never more
+    # than 6 of the 60 ring cells, never the last row or the first column
+    shapes = {(layout.position, layout.pose): figures.silhouette(layout) for layout in figures.LAYOUTS}
+    ring = {key: int(metric.border(shape.expand(3, -1, -1))[0].sum()) for key, shape in shapes.items()}
+    assert ring == {("left", "arms down"): 0, ("left", "arms up"): 2, ("centre", "arms down"): 0,
+                    ("centre", "arms up"): 2, ("right", "arms down"): 5, ("right", "arms up"): 6}
+    assert not any(bool(shape[-1].any() or shape[:, 0].any()) for shape in shapes.values())
+    right_up = figures.Layout("right", "arms up")
+    img = on_background(figures.render(right_up, look()), TINT)
+    assert bool(img[:, 0, 15].ne(torch.tensor(TINT)).any())  # a figure cell in the corner of the ring
+    # with 23 stray cells in the ring as well (29 of 60 not background, one short of half) the median is the tint
+    stray = img.clone()
+    stray[:, 15, :12] = torch.tensor(RED).view(3, 1)
+    stray[:, 1:12, 0] = torch.tensor(BLUE).view(3, 1)
+    assert metric.background(img).tolist() == pytest.approx(TINT)
+    assert torch.equal(metric.foreground(img), figures.silhouette(right_up))
+    expected = figures.silhouette(right_up).clone()
+    expected[15, :12] = expected[1:12, 0] = True
+    assert metric.background(stray).tolist() == pytest.approx(TINT)
+    assert torch.equal(metric.foreground(stray), expected)
 
 
 def test_descriptor_by_hand():
