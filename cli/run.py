@@ -230,8 +230,8 @@ class Progress:
         elif kind == "execution_cached":
             nodes = data.get("nodes") or []
             self.done_nodes += len(nodes)
-            if nodes:
-                self.show(f"cached: {len(nodes)} node(s)")
+            if nodes:  # named, so a re-run shows which steps ComfyUI reused (they send no "executing")
+                self.show(f"cached: {len(nodes)} node(s): " + ", ".join(self._name(n) for n in nodes))
         elif kind == "executing" and data.get("node") is not None:
             self.node = str(data["node"])
             self.done_nodes += 1

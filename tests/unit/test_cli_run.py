@@ -95,3 +95,23 @@ def test_progress_text_frames_and_run_warnings():
     result = RunResult("p", {}, outputs={"5": {"humanref_warnings": ["the left hand is left out"]}, "9": {}},
                        node_texts={"5": ["\u26a0 the left hand is left out"], "13": ["\u26a0 the pose is stretched"]})
     assert result.warnings() == [("5", "the left hand is left out"), ("13", "the pose is stretched")]
+
+
+def test_progress_names_the_nodes_comfyui_reused_from_its_cache():
+    """A re-run executes only what changed; the cached nodes send no ``executing`` event, so the progress line
+    names them (a count alone left the user unsure whether the HumanRef nodes ran at all)."""
+    import io
+
+    from humanref.cli.run import Progress
+
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple"}, "8": {"class_type": "HumanRef_ReferenceEncoder"},
+              "13": {"class_type": "KSampler"}}
+    stream = io.StringIO()
+    progress = Progress(prompt, stream)
+    progress("execution_cached", {"nodes": ["1", "8"]})
+    progress("executing", {"node": "13"})
+    progress("progress", {"node": "13", "value": 3, "max": 3})
+    lines = [line.split("] ", 1)[1] for line in stream.getvalue().splitlines()]
+    assert lines == ["cached: 2 node(s): 1 CheckpointLoaderSimple, 8 HumanRef_ReferenceEncoder",
+                     "node 13 KSampler", "node 13 KSampler  3/3"]
+    assert progress.done_nodes == 3
