@@ -197,7 +197,7 @@ def _raise_keyboard_interrupt(signum, frame):  # SIGTERM -> the same clean-up as
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .client import ComfyClient, ComfyError, PromptRejected
+    from .client import ComfyClient, ComfyError, PromptRejected, ServerLost
     from .convert import ConversionError
     from .run import (
         Progress,
@@ -250,7 +250,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress = Progress(prompt, err)
         extra_data = {"extra_pnginfo": {"workflow": ui}} if ui is not None else None
         try:
-            result = client.run(prompt, extra_data=extra_data, timeout=args.timeout, on_event=progress)
+            result = client.run(prompt, extra_data=extra_data, timeout=args.timeout, on_event=progress,
+                                alive=server.alive if server is not None else None)
         finally:
             progress.close()
         saved = save_outputs(client, result, args.out, include_temp=args.save_temp)
@@ -271,6 +272,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     except (ComfyError, ServerError) as e:
         print(f"error: {e}", file=err)
+        if isinstance(e, ServerLost) and server is not None:
+            print("the last lines of its log:\n" + server.log_tail(20), file=err)
         if server is None and ("cannot reach ComfyUI" in str(e) or "cannot open the websocket" in str(e)):
             print(f"hint: no ComfyUI answers at {args.server or DEFAULT_SERVER}: start ComfyUI first, give its "
                   "address with --server URL, or let this command start a private one from a ComfyUI folder: "

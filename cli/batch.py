@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, TextIO
 
-from .client import ComfyClient, ComfyError, ExecutionFailed, PromptRejected, RunResult
+from .client import ComfyClient, ComfyError, Interrupted, PromptRejected, RunResult, history_failure
 from .run import Progress, Uploader, UsageError, apply_sets, find_node, parse_sets, save_outputs, upload_from_dir
 
 MANIFEST = "manifest.jsonl"
@@ -234,15 +234,8 @@ def prompt_seeds(prompt: dict) -> Any:
 
 def history_error(entry: dict) -> tuple[Optional[str], bool]:
     """(error text or None, interrupted) of a finished /history entry, read as ComfyClient.run reads it."""
-    status = entry.get("status") or {}
-    if status.get("status_str") != "error":
-        return None, False
-    for kind, data in status.get("messages") or []:
-        if kind == "execution_error":
-            return str(ExecutionFailed(data)), False
-        if kind == "execution_interrupted":
-            return (f"interrupted on the server at node {data.get('node_id')} ({data.get('node_type')})", True)
-    return f"the prompt failed: {status}", False
+    failure = history_failure(entry)
+    return (None, False) if failure is None else (str(failure), isinstance(failure, Interrupted))
 
 
 def execution_seconds(entry: dict) -> Optional[float]:

@@ -40,7 +40,18 @@ class ExecutionFailed(ComfyError):
 
 
 class Interrupted(ComfyError):
-    pass
+    """The prompt was interrupted on the server (the execution_interrupted event)."""
+
+
+class Unreachable(ComfyError):
+    """Nothing answers at the server's address (connection refused, reset or timed out)."""
+
+
+class ServerLost(ComfyError):
+    """The server stopped answering while our prompt was queued or running (it exited or crashed)."""
+
+
+LOST_AFTER = 15.0  # seconds without an answer, while a prompt is ours, before the server counts as gone
 
 
 def format_rejection(body: Any) -> str:
@@ -71,6 +82,25 @@ def format_execution_error(data: dict) -> str:
     etype = data.get("exception_type", "")
     msg = str(data.get("exception_message", "")).strip()
     return f"node {node} ({ntype}) failed: {etype + ': ' if etype else ''}{msg}"
+
+
+def interrupted_text(data: dict) -> str:
+    return f"interrupted on the server at node {data.get('node_id')} ({data.get('node_type')})"
+
+
+def history_failure(entry: dict) -> Optional[ComfyError]:
+    """The error a finished /history entry records (a node's exception, an interruption), or None if it succeeded.
+
+    One reading for the runner and the batch scheduler (which only polls /history)."""
+    status = entry.get("status") or {}
+    if status.get("status_str") != "error":
+        return None
+    for kind, data in status.get("messages") or []:
+        if kind == "execution_error":
+            return ExecutionFailed(data)
+        if kind == "execution_interrupted":
+            return Interrupted(interrupted_text(data or {}))
+    return ComfyError(f"the prompt failed: {status}")
 
 
 @dataclass
@@ -139,7 +169,7 @@ class ComfyClient:
             return e.code, e.read()
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise ComfyError(f"cannot reach ComfyUI at {self.url}: {reason}") from None
+            raise Unreachable(f"cannot reach ComfyUI at {self.url}: {reason}") from None
 
     def get_json(self, path: str, timeout: Optional[float] = None) -> Any:
         status, body = self._request("GET", path, timeout=timeout)
@@ -197,8 +227,9 @@ class ComfyClient:
             raise ComfyError(f"POST /prompt: HTTP {status}: {body}")
         return body["prompt_id"]
 
-    def history(self, prompt_id: str) -> dict:
-        return self.get_json("/history/" + urllib.parse.quote(prompt_id, safe="")).get(prompt_id) or {}
+    def history(self, prompt_id: str, timeout: Optional[float] = None) -> dict:
+        return self.get_json("/history/" + urllib.parse.quote(prompt_id, safe=""), timeout=timeout).get(prompt_id) \
+            or {}
 
     def view(self, filename: str, subfolder: str = "", type_: str = "output") -> bytes:
         query = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": type_})
@@ -227,15 +258,19 @@ class ComfyClient:
             raise ComfyError(f"cannot open the websocket {ws_url}: {e}") from None
 
     def run(self, prompt: dict, extra_data: Optional[dict] = None, timeout: float = 600.0,
-            on_event: Optional[Callable[[str, dict], None]] = None) -> RunResult:
+            on_event: Optional[Callable[[str, dict], None]] = None, alive: Optional[Callable[[], bool]] = None,
+            lost_after: float = LOST_AFTER) -> RunResult:
         """Queue a prompt and wait for it over the websocket (polling /history if the socket drops).
 
-        Raises PromptRejected, ExecutionFailed, Interrupted, ComfyError (timeout, connection).
+        A server that dies under the prompt fails the run within ``lost_after`` seconds of silence (at once when
+        ``alive``, a local server's process check, says it exited), not after the whole ``timeout``.
+        Raises PromptRejected, ExecutionFailed, Interrupted, ServerLost, ComfyError (timeout, connection).
         """
         import websocket
 
         start = time.monotonic()
         deadline = start + timeout
+        watch = _Watch(self.url, alive, lost_after)
         ws = self.connect_ws(timeout=min(30.0, timeout))
         cached: list = []
         texts: dict[str, list[str]] = {}
@@ -253,11 +288,11 @@ class ComfyClient:
                 try:
                     frame = ws.recv()
                 except websocket.WebSocketTimeoutException:
-                    # nothing for a while: make sure we did not miss the end
-                    done = self._finished(prompt_id)
+                    # nothing for a while: make sure we did not miss the end (or lose the server)
+                    done = self._finished(prompt_id, watch)
                     continue
                 except (websocket.WebSocketException, OSError):
-                    done = self._poll_until_done(prompt_id, deadline)
+                    done = self._poll_until_done(prompt_id, deadline, watch)
                     break
                 if not isinstance(frame, str):  # previews, and texts a node shows
                     shown = parse_progress_text(frame) if prompt_id is not None else None
@@ -284,8 +319,7 @@ class ComfyClient:
                 elif mtype == "execution_error":
                     raise ExecutionFailed(data)
                 elif mtype == "execution_interrupted":
-                    raise Interrupted(f"prompt {prompt_id} was interrupted on the server "
-                                      f"(at node {data.get('node_id')} ({data.get('node_type')}))")
+                    raise Interrupted(f"prompt {prompt_id} was {interrupted_text(data)}")
                 elif mtype == "executing" and data.get("node") is None:
                     done = True  # sent after the history entry is written (execution_success comes before)
         except (ExecutionFailed, Interrupted):
@@ -301,12 +335,9 @@ class ComfyClient:
             except Exception:  # noqa: BLE001
                 pass
         history = self._wait_history(prompt_id, deadline)
-        status = history.get("status") or {}
-        if status.get("status_str") == "error":
-            for kind, data in status.get("messages") or []:
-                if kind == "execution_error":
-                    raise ExecutionFailed(data)
-            raise ComfyError(f"prompt {prompt_id} failed: {status}")
+        failure = history_failure(history)
+        if failure is not None:
+            raise failure
         return RunResult(prompt_id, history, history.get("outputs") or {}, cached, time.monotonic() - start, texts)
 
     def _wait_history(self, prompt_id: str, deadline: float) -> dict:
@@ -316,19 +347,54 @@ class ComfyClient:
                 return history
             time.sleep(0.2)
 
-    def _last_status(self, prompt_id: str) -> Any:
+    def _last_status(self, prompt_id: str, watch: Optional[_Watch] = None) -> Any:
+        if watch is not None:
+            watch.check(prompt_id)
         try:
-            return self.history(prompt_id).get("status")
+            status = self.history(prompt_id, timeout=min(self.timeout, 10.0)).get("status")
+        except Unreachable:
+            if watch is not None:
+                watch.no_answer(prompt_id)
+            return None
         except ComfyError:
             return None
+        if watch is not None:
+            watch.answered()
+        return status
 
-    def _finished(self, prompt_id: str) -> bool:
-        status = self._last_status(prompt_id)
+    def _finished(self, prompt_id: str, watch: Optional[_Watch] = None) -> bool:
+        status = self._last_status(prompt_id, watch)
         return isinstance(status, dict) and bool(status.get("completed") or status.get("status_str"))
 
-    def _poll_until_done(self, prompt_id: str, deadline: float) -> bool:
+    def _poll_until_done(self, prompt_id: str, deadline: float, watch: Optional[_Watch] = None) -> bool:
         while time.monotonic() < deadline:
-            if self._finished(prompt_id):
+            if self._finished(prompt_id, watch):
                 return True
             time.sleep(0.5)
         raise ComfyError(f"timed out waiting for prompt {prompt_id} (websocket closed)")
+
+
+@dataclass
+class _Watch:
+    """When a server that stopped answering counts as gone, while one of our prompts is on it."""
+
+    url: str
+    alive: Optional[Callable[[], bool]] = None
+    lost_after: float = LOST_AFTER
+    silent_since: Optional[float] = None
+
+    def check(self, prompt_id: str) -> None:
+        if self.alive is not None and not self.alive():
+            raise ServerLost(f"ComfyUI at {self.url} exited while prompt {prompt_id} was queued or running")
+
+    def answered(self) -> None:
+        self.silent_since = None
+
+    def no_answer(self, prompt_id: str) -> None:
+        now = time.monotonic()
+        if self.silent_since is None:
+            self.silent_since = now
+        elif now - self.silent_since >= self.lost_after:
+            raise ServerLost(f"ComfyUI at {self.url} stopped answering while prompt {prompt_id} was queued or "
+                             f"running (no answer for {now - self.silent_since:.0f} s): the server exited or "
+                             "crashed; its log says why")

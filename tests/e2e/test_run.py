@@ -7,7 +7,18 @@ import sys
 import time
 from pathlib import Path
 
-from e2e_support import API_WORKFLOW, INPUTS, REPO, SMALL, UI_NAMES, UI_WORKFLOW, comfyui_path, humanref_cli, reachable
+from e2e_support import (
+    API_WORKFLOW,
+    INPUTS,
+    REPO,
+    SMALL,
+    UI_NAMES,
+    UI_WORKFLOW,
+    comfyui_path,
+    humanref_cli,
+    reachable,
+    running_server,
+)
 from PIL import Image
 
 
@@ -171,6 +182,39 @@ def test_interrupt_stops_the_private_server(tiny_models, tmp_path):
     assert not os.path.exists(temp)
 
 
+def test_a_server_that_dies_mid_prompt_fails_the_run_in_seconds(tiny_models, tmp_path):
+    """The server killed while it samples: the runner says the server stopped answering, within the client's
+    LOST_AFTER of silence, and exits 1 (it waited the whole --timeout before, here 300 s)."""
+    from humanref.cli.client import LOST_AFTER
+
+    with running_server(tiny_models) as server:
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen([sys.executable, "-m", "humanref", "run", str(API_WORKFLOW), "--server", server.url,
+                                 *SMALL, "--set", "13.steps=5000", "--inputs", str(INPUTS), "--out",
+                                 str(tmp_path / "out"), "--timeout", "300"], cwd=str(tmp_path), env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            seen = []
+            for line in proc.stderr:  # wait until the sampler is stepping
+                seen.append(line)
+                if "KSampler" in line and "/5000" in line:
+                    break
+            assert proc.poll() is None, "".join(seen)
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            rest = proc.stderr.read()
+            proc.wait(timeout=120)
+            waited = time.monotonic() - killed
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 1, "".join(seen) + rest
+    assert "stopped answering while prompt" in rest and "the server exited or crashed" in rest, rest
+    assert waited < LOST_AFTER + 30, waited
+    assert not (tmp_path / "out").exists()
+
+
 def test_nothing_written_under_comfyui_or_the_repo(untouched_stamp, comfy_server):
     """Everything above wrote only into temporary folders: not into ComfyUI, not into the pack."""
     stamp = untouched_stamp.stat().st_mtime
@@ -191,3 +235,4 @@ def test_nothing_written_under_comfyui_or_the_repo(untouched_stamp, comfy_server
     assert newer(comfyui_path()) == []
     assert not (REPO / "humanref-out").exists()
     assert not [p for p in newer(str(REPO)) if p.endswith((".png", ".db", ".log", ".yaml"))]
+
