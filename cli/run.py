@@ -6,11 +6,12 @@ import os
 import time
 from typing import Any, Optional, TextIO
 
+from ..nodes.model_files import SAVED_BANKS_UI_KEY
 from .client import ComfyClient, ComfyError, RunResult
 from .convert import image_upload_inputs, is_ui_workflow, ui_to_api, unwrap_api
 
 LOAD_IMAGE_LIKE = frozenset({"LoadImage", "LoadImageMask", "LoadImageOutput"})
-OUTPUT_KINDS = ("images", "gifs", "videos", "audio", "animated", "3d")
+OUTPUT_KINDS = ("images", "gifs", "videos", "audio", "animated", "3d", SAVED_BANKS_UI_KEY)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 

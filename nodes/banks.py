@@ -10,13 +10,12 @@ import os
 from comfy_api.latest import io
 
 from ..pipelines.references.bank_files import load_reference_bank, save_reference_bank
-from .model_files import FOLDERS, REFERENCE_BANKS, full_path, list_files
+from .model_files import FOLDERS, REFERENCE_BANKS, SAVED_BANKS_UI_KEY, full_path, list_files
 from .notices import show_on_node, shows_warnings
 from .types import ReferenceBankType
 
 CATEGORY = "HumanRef/References"
 DEFAULT_PREFIX = FOLDERS[REFERENCE_BANKS].output_subfolder + "/bank"
-UI_KEY = "humanref_reference_banks"  # the saved files in the node's UI output (in /history), as SaveImage's images
 
 
 def check_prefix(prefix: str) -> str:
@@ -67,7 +66,7 @@ class SaveReferenceBank(io.ComfyNode):
         size = os.path.getsize(path)
         show_on_node(f"saved {os.path.relpath(path, output_dir)} ({size / 1e6:.1f} MB)")
         return io.NodeOutput(reference_bank,
-                             ui={UI_KEY: [{"filename": name, "subfolder": subfolder, "type": "output"}]})
+                             ui={SAVED_BANKS_UI_KEY: [{"filename": name, "subfolder": subfolder, "type": "output"}]})
 
 
 class LoadReferenceBank(io.ComfyNode):

@@ -32,6 +32,9 @@ FOLDERS: dict[str, ModelFolder] = {
                                  extensions=(".safetensors",), output_subfolder="HumanRef/reference_banks"),
 }
 MODEL_FOLDERS: tuple[str, ...] = tuple(FOLDERS)
+# Save Reference Bank's UI output (in /history): the files it wrote, listed as SaveImage lists its images, so the
+# runner and the batch command download them with the pictures.
+SAVED_BANKS_UI_KEY = "humanref_reference_banks"
 
 
 def register_model_folders() -> None:

@@ -12,8 +12,9 @@ import torch
 from helpers import LATENT, ksample
 
 from humanref.attention.bank import Timing
-from humanref.nodes.banks import DEFAULT_PREFIX, UI_KEY, LoadReferenceBank, SaveReferenceBank
+from humanref.nodes.banks import DEFAULT_PREFIX, LoadReferenceBank, SaveReferenceBank
 from humanref.nodes.model_files import REFERENCE_BANKS, list_files, register_model_folders
+from humanref.nodes.model_files import SAVED_BANKS_UI_KEY as UI_KEY
 from humanref.pipelines.anydressing.pipeline import build_garment_bank, prepare_garments
 from humanref.pipelines.anydressing.weights import (
     block_widths_from_unet,

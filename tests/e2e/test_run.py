@@ -215,6 +215,33 @@ def test_a_server_that_dies_mid_prompt_fails_the_run_in_seconds(tiny_models, tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_a_saved_reference_bank_comes_back_with_the_picture(server_url, comfy_server, tmp_path):
+    """Save Reference Bank in an API workflow: its file is downloaded into --out like the picture (it stayed on
+    the server before), byte for byte the server's file, and it loads as the bank of the three references."""
+    from humanref.pipelines.references.bank_files import load_reference_bank
+
+    prompt = json.loads(API_WORKFLOW.read_text(encoding="utf-8"))
+    prompt["8"]["inputs"]["timing"] = "once at t=0"  # only such a bank can be saved
+    prompt["20"] = {"class_type": "HumanRef_SaveReferenceBank",
+                    "inputs": {"reference_bank": ["8", 0], "filename_prefix": "HumanRef/reference_banks/e2e"}}
+    prompt["9"]["inputs"]["reference_bank"] = ["20", 0]
+    workflow = tmp_path / "save_bank.json"
+    workflow.write_text(json.dumps(prompt), encoding="utf-8")
+    out = tmp_path / "out"
+    proc = humanref_cli("run", str(workflow), "--server", server_url, *SMALL, "--inputs", str(INPUTS),
+                        "--out", str(out), "--timeout", "240", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    saved = [Path(line) for line in proc.stdout.splitlines()]
+    banks = [p for p in saved if p.suffix == ".safetensors"]
+    assert len(saved) == 2 and len(banks) == 1, proc.stdout
+    assert banks[0].parent == out / "HumanRef" / "reference_banks" and banks[0].name.startswith("e2e_")
+    on_server = Path(comfy_server.output_dir) / "HumanRef" / "reference_banks" / banks[0].name
+    assert banks[0].read_bytes() == on_server.read_bytes()
+    bank = load_reference_bank(str(banks[0]))
+    assert [r.label for r in bank.references] == ["face", "upper body clothes", "lower body clothes"]
+    assert bank.timing == "once at t=0" and bank.features is not None
+
+
 def test_nothing_written_under_comfyui_or_the_repo(untouched_stamp, comfy_server):
     """Everything above wrote only into temporary folders: not into ComfyUI, not into the pack."""
     stamp = untouched_stamp.stat().st_mtime

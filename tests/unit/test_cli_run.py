@@ -115,3 +115,27 @@ def test_progress_names_the_nodes_comfyui_reused_from_its_cache():
     assert lines == ["cached: 2 node(s): 1 CheckpointLoaderSimple, 8 HumanRef_ReferenceEncoder",
                      "node 13 KSampler", "node 13 KSampler  3/3"]
     assert progress.done_nodes == 3
+
+
+def test_saved_reference_banks_are_downloaded_with_the_pictures(tmp_path):
+    """Save Reference Bank lists its file in its UI output as SaveImage lists images; the runner (and the batch
+    command, which saves through the same function) downloads both, each under its sub-folder."""
+    from humanref.cli.client import RunResult
+    from humanref.cli.run import save_outputs
+    from humanref.nodes.model_files import SAVED_BANKS_UI_KEY
+
+    served = {("portrait_00001_.png", "HumanRef"): b"png", ("bank_00001_.safetensors", "HumanRef/reference_banks"):
+              b"bank", ("preview.png", ""): b"temp"}
+
+    class Client:
+        def view(self, filename, subfolder="", type_="output"):
+            return served[(filename, subfolder)]
+
+    outputs = {"15": {"images": [{"filename": "portrait_00001_.png", "subfolder": "HumanRef", "type": "output"}]},
+               "20": {SAVED_BANKS_UI_KEY: [{"filename": "bank_00001_.safetensors",
+                                            "subfolder": "HumanRef/reference_banks", "type": "output"}]},
+               "21": {"images": [{"filename": "preview.png", "subfolder": "", "type": "temp"}]}}
+    saved = save_outputs(Client(), RunResult("p", {}, outputs), str(tmp_path))
+    assert saved == [str(tmp_path / "HumanRef" / "portrait_00001_.png"),
+                     str(tmp_path / "HumanRef" / "reference_banks" / "bank_00001_.safetensors")]
+    assert (tmp_path / "HumanRef" / "reference_banks" / "bank_00001_.safetensors").read_bytes() == b"bank"
