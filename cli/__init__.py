@@ -197,7 +197,7 @@ def _raise_keyboard_interrupt(signum, frame):  # SIGTERM -> the same clean-up as
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .client import ComfyClient, ComfyError, PromptRejected, ServerLost
+    from .client import ComfyClient, ComfyError, PromptRejected, ServerLost, Unreachable
     from .convert import ConversionError
     from .run import (
         Progress,
@@ -274,7 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=err)
         if isinstance(e, ServerLost) and server is not None:
             print("the last lines of its log:\n" + server.log_tail(20), file=err)
-        if server is None and ("cannot reach ComfyUI" in str(e) or "cannot open the websocket" in str(e)):
+        if server is None and isinstance(e, Unreachable):
             print(f"hint: no ComfyUI answers at {args.server or DEFAULT_SERVER}: start ComfyUI first, give its "
                   "address with --server URL, or let this command start a private one from a ComfyUI folder: "
                   "--comfyui /path/to/ComfyUI", file=err)

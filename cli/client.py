@@ -255,7 +255,7 @@ class ComfyClient:
         try:
             return websocket.create_connection(ws_url, timeout=timeout, http_no_proxy=["*"])
         except Exception as e:  # noqa: BLE001 - any failure to connect is reported the same way
-            raise ComfyError(f"cannot open the websocket {ws_url}: {e}") from None
+            raise Unreachable(f"cannot open the websocket {ws_url}: {e}") from None
 
     def run(self, prompt: dict, extra_data: Optional[dict] = None, timeout: float = 600.0,
             on_event: Optional[Callable[[str, dict], None]] = None, alive: Optional[Callable[[], bool]] = None,
